@@ -1,0 +1,121 @@
+"""`loralab <verb>`: one command line over the library functions.
+
+    loralab prepare  [--dataset PATH] [--format F] [--question-field Q] [--answer-field A]
+    loralab train    [--resume]
+    loralab evaluate [--adapter DIR]
+    loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
+    loralab config                              # print the resolved config as YAML
+
+Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import yaml
+
+from .config import Config, load_config
+from .errors import LoralabError
+
+REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (sections: data, model, lora, train, eval)")
+    common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    common.add_argument("--quick", action="store_true", help=f"apply the ~2-minute preset ({REPO_CONFIGS / 'quick.yaml'})")
+
+    parser = argparse.ArgumentParser(prog="loralab", description="LoRA fine-tuning, evaluation and reporting, offline on a CPU.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    prepare = verbs.add_parser("prepare", parents=[common], help="build data/ splits from the bundled or a user dataset")
+    prepare.add_argument("--dataset", help="builtin:medical, or a .jsonl/.json/.csv file (alpaca and sharegpt detected)")
+    prepare.add_argument("--format", choices=("auto", "jsonl", "json", "csv", "alpaca", "sharegpt"))
+    prepare.add_argument("--question-field")
+    prepare.add_argument("--answer-field")
+    prepare.add_argument("--task-field", help="column holding a task label, for per-task accuracy")
+    prepare.add_argument("--skip-invalid", action="store_true", help="skip bad rows with a warning instead of stopping")
+    prepare.add_argument("--out-dir")
+
+    train = verbs.add_parser("train", parents=[common], help="fine-tune a LoRA adapter on data/train_split.json")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint of train.run_dir")
+
+    evaluate = verbs.add_parser("evaluate", parents=[common], help="base vs fine-tuned on the held-out split")
+    evaluate.add_argument("--adapter", help="adapter directory (default: train.output_dir)")
+
+    run = verbs.add_parser("run", parents=[common], help="prepare, train, evaluate and report")
+    run.add_argument("--resume", action="store_true")
+
+    verbs.add_parser("config", parents=[common], help="print the resolved configuration")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    mapping = {
+        "dataset": "data.dataset", "format": "data.format", "question_field": "data.question_field",
+        "answer_field": "data.answer_field", "task_field": "data.task_field", "out_dir": "data.out_dir",
+    }
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "skip_invalid", False):
+        overrides.append("data.skip_invalid=true")
+    presets = [REPO_CONFIGS / "quick.yaml"] if args.quick else []
+    return load_config(args.config, *presets, overrides=overrides)
+
+
+def _quiet_library_noise() -> None:
+    # loralab never needs a model hub: without this, PEFT tries to fetch the base model's
+    # config.json from the hub when saving an adapter and prints a warning when it cannot.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_library_noise()
+    try:
+        cfg = resolve_config(args)
+        if args.verb == "config":
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        elif args.verb == "prepare":
+            from .data_preparation import prepare_dataset
+
+            card = prepare_dataset(cfg.data)
+            print(f"wrote {cfg.data.out_dir}/: {card['processed_records']} records, splits {card['splits']}")
+        elif args.verb == "train":
+            from .fine_tune_lora import train
+
+            result = train(cfg, resume=args.resume)
+            return 130 if result.interrupted else 0
+        elif args.verb == "evaluate":
+            from .evaluation import evaluate_model_pair
+
+            evaluate_model_pair(cfg, adapter_dir=args.adapter)
+            print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
+        elif args.verb == "run":
+            from .pipeline import run_all
+
+            summary = run_all(cfg, resume=args.resume)
+            return 130 if summary.get("interrupted") else 0
+    except LoralabError as exc:
+        print(f"loralab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

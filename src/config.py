@@ -1,0 +1,215 @@
+"""Typed configuration: dataclasses loaded from YAML, overridden with `--set section.key=value`.
+
+A config is plain data (torchtune's "configs as data"): every run writes the fully resolved config
+next to its results, so any number in a report can be traced to the exact settings that made it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LoralabError
+
+
+@dataclass
+class DataConfig:
+    # "builtin:medical" (bundled, built from installed packages) or a path to a user dataset.
+    dataset: str = "builtin:medical"
+    # auto | jsonl | json | csv | alpaca | sharegpt ("auto" looks at the extension and the fields).
+    format: str = "auto"
+    question_field: str | None = None  # where a user dataset names its fields differently
+    answer_field: str | None = None
+    task_field: str | None = None  # optional per-row task label (drives per-task accuracy)
+    skip_invalid: bool = False  # drop bad rows with a warning instead of stopping at the first
+    out_dir: str = "data"
+    eval_fraction: float = 0.1
+    test_fraction: float = 0.1
+    seed: int = 42
+    # Size of the bundled medical dataset, per task type (see medical_dataset.py).
+    builtin_per_task: dict[str, int] = field(
+        default_factory=lambda: {
+            "hpo_definition": 800,
+            "disease_phenotypes": 300,
+            "icd_code_to_description": 450,
+            "icd_description_to_code": 450,
+            "abbreviation_expansion": 700,
+        }
+    )
+
+
+@dataclass
+class ModelConfig:
+    # "smollm2-135m-instruct" (bundled GGUF), a local Hugging Face model directory, or a .gguf path.
+    name_or_path: str = "smollm2-135m-instruct"
+    cache_dir: str = "models/base_model"
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU/GPU has it)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # "auto" (attention projections of the architecture), "all-linear", or a list of module names.
+    target_modules: Any = "auto"
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine, linear, constant, ...
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0 overrides epochs
+    max_length: int = 256
+    seed: int = 42
+    eval_every: int = 50
+    eval_examples: int = 96  # eval-loss subset size; the full eval split when 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    run_dir: str = "runs/default"  # checkpoints and the per-run log live here
+    output_dir: str = "lora"  # the final adapter
+    log_file: str = "experiments/training_logs.txt"
+    loss_plot: str = "experiments/plots/loss_curve.png"
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    generation_per_task: int = 25  # examples per task type for generated-answer accuracy
+    showcase_per_task: int = 2  # before/after answers shown in the report
+    results_json: str = "experiments/eval_results.json"
+    report_md: str = "experiments/report.md"
+    plots_dir: str = "experiments/plots"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check/convert a YAML value to the field's declared type; one clear error otherwise."""
+    if annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except LoralabError:
+                continue
+        raise LoralabError(f"{where}: expected {annotation}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise LoralabError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise LoralabError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise LoralabError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "2e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LoralabError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise LoralabError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _apply(section_obj: Any, values: dict[str, Any], where: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    names = {f.name for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise LoralabError(f"{where}: unknown key '{key}' (known: {known})")
+        setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
+
+
+def apply_overrides(config: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise LoralabError(f"--set {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2:
+            raise LoralabError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
+        section, key = parts
+        if section not in {f.name for f in dataclasses.fields(config)}:
+            raise LoralabError(f"--set {item!r}: unknown section '{section}' (data, model, lora, train, eval)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _apply(getattr(config, section), {key: value}, f"--set {section}")
+    return config
+
+
+def _apply_file(config: Config, path: Path) -> None:
+    if not path.is_file():
+        raise LoralabError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise LoralabError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(raw, dict):
+        raise LoralabError(f"{path}: expected a mapping of sections (data, model, lora, train, eval)")
+    for section, values in raw.items():
+        if section not in {f.name for f in dataclasses.fields(config)}:
+            raise LoralabError(f"{path}: unknown section '{section}' (data, model, lora, train, eval)")
+        if not isinstance(values, dict):
+            raise LoralabError(f"{path}: section '{section}' must be a mapping")
+        _apply(getattr(config, section), values, f"{path}: {section}")
+
+
+def load_config(*paths: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then each YAML file in order (later files win), then `--set` overrides."""
+    config = Config()
+    for path in paths:
+        if path is not None:
+            _apply_file(config, Path(path))
+    return apply_overrides(config, overrides or [])

@@ -1,0 +1,388 @@
+"""`loralab train`: LoRA fine-tuning in one readable loop (nanoGPT-style).
+
+Why not transformers.Trainer: loralab needs four things Trainer does not give together on a small
+CPU: logits only at answer positions (losses.py), length-bucketed batches that waste little on
+padding, a batch plan that is a pure function of the seed (so `--resume` reproduces an
+uninterrupted run exactly), and artifacts swapped in atomically. PEFT still builds and saves the
+adapter; transformers still provides the model and the LR schedules.
+
+Outputs: the adapter in `train.output_dir` (lora/), `training_args.json` beside it,
+`train.log_file` (experiments/training_logs.txt), a loss-curve PNG, and checkpoints under
+`train.run_dir/checkpoints/` from which `--resume` continues a killed run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python src/fine_tune_lora.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "loralab"
+    import loralab  # noqa: F401
+
+import torch
+
+from . import atomic_io
+from .config import Config
+from .data_preparation import load_split
+from .errors import LoralabError
+from .formatting import EncodedExample, collate, encode_chat, ensure_chat_template
+from .losses import answer_nll_fast
+from .model_utils import (
+    attach_lora,
+    autocast,
+    count_parameters,
+    load_base_model,
+    resolve_autocast_dtype,
+    resolve_device,
+    save_adapter,
+)
+
+BUCKET_FACTOR = 32  # micro-batches per length-sorted pool: low padding, still well shuffled
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[EncodedExample]:
+    encoded = [encode_chat(tokenizer, row["messages"], max_length) for row in rows]
+    return [e for e in encoded if e is not None]
+
+
+def plan_batches(lengths: list[int], batch_size: int, accumulation: int, total_steps: int, seed: int) -> list[list[list[int]]]:
+    """Optimizer steps -> micro-batches -> example indices; a pure function of its arguments.
+
+    Each epoch is a seeded permutation cut into pools of BUCKET_FACTOR micro-batches; a pool is
+    sorted by length and cut into micro-batches whose order is then shuffled, so examples of
+    similar length share a batch (little padding) without a length-ordered curriculum.
+    """
+    steps: list[list[list[int]]] = []
+    epoch = 0
+    while len(steps) < total_steps:
+        rng = random.Random(seed * 100_003 + epoch)
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        micro: list[list[int]] = []
+        pool = batch_size * BUCKET_FACTOR
+        for start in range(0, len(order), pool):
+            chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
+            micro += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(micro)
+        for start in range(0, len(micro) - accumulation + 1, accumulation):
+            steps.append(micro[start : start + accumulation])
+        epoch += 1
+    return steps[:total_steps]
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
+    return max(1, math.ceil(n_examples / batch_size) // accumulation)
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path | None
+    steps_done: int
+    total_steps: int
+    final_train_loss: float | None
+    final_eval_loss: float | None
+    interrupted: bool
+
+
+class TrainLog:
+    """Human-readable table (experiments/training_logs.txt) plus JSONL for plots; flushed per line
+    so a killed run keeps every finished step."""
+
+    COLUMNS = ("step", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "peak_rss_mb", "elapsed_s")
+
+    def __init__(self, text_path: Path, jsonl_path: Path, resume_from: int):
+        self.text_path, self.jsonl_path = text_path, jsonl_path
+        text_path.parent.mkdir(parents=True, exist_ok=True)
+        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from and jsonl_path.exists():  # keep what the checkpoint covers, drop the rest
+            kept = [l for l in jsonl_path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_from]
+            atomic_io.write_text(jsonl_path, "".join(l + "\n" for l in kept))
+            self._append(self.text_path, f"# resumed from checkpoint at step {resume_from}\n")
+        else:
+            atomic_io.write_text(jsonl_path, "")
+            header = "\t".join(f"{c:>12}" for c in self.COLUMNS)
+            atomic_io.write_text(text_path, f"# loralab training log, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n{header}\n")
+
+    @staticmethod
+    def _append(path: Path, line: str) -> None:
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+
+    def write(self, entry: dict) -> None:
+        self._append(self.jsonl_path, json.dumps(entry) + "\n")
+        cells = []
+        for column in self.COLUMNS:
+            value = entry.get(column)
+            cells.append(f"{'-':>12}" if value is None else f"{value:>12.6g}" if isinstance(value, float) else f"{value:>12}")
+        self._append(self.text_path, "\t".join(cells) + "\n")
+
+    def entries(self) -> list[dict]:
+        return [json.loads(l) for l in self.jsonl_path.read_text().splitlines() if l]
+
+
+def plot_losses(entries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(e["step"], e["loss"]) for e in entries if e.get("loss") is not None]
+    evals = [(e["step"], e["eval_loss"]) for e in entries if e.get("eval_loss") is not None]
+    if train:
+        ax.plot(*zip(*train), label="train loss (answer tokens)", alpha=0.6)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss (answer tokens)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("LoRA fine-tuning loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(buffer, dpi=110)
+    plt.close(fig)
+    buffer.replace(path)
+
+
+@torch.no_grad()
+def mean_answer_loss(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> float:
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(device, amp_dtype):
+            nll, n = answer_nll_fast(model, batch)
+        total += float(nll)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, rng_state: torch.Tensor) -> None:
+    """`rng_state` is the torch RNG as it was when step `step + 1` began, so LoRA dropout after a
+    resume draws exactly the masks an uninterrupted run would have drawn."""
+    from peft import get_peft_model_state_dict
+
+    with atomic_io.staged_dir(run_dir / "checkpoints" / f"step-{step:07d}") as staged:
+        torch.save(
+            {
+                "step": step,
+                "adapter": get_peft_model_state_dict(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": rng_state,
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            staged / "state.pt",
+        )
+    for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_latest_checkpoint(run_dir: Path) -> dict | None:
+    for path in reversed(_checkpoints(run_dir)):
+        try:
+            return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint: fall back to the one before
+            print(f"warning: skipping unreadable checkpoint {path}", file=sys.stderr)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, quiet: bool = False) -> TrainResult:
+    """Fine-tune and save the adapter. `stop_at_step` simulates an interruption (used by tests)."""
+    from peft import set_peft_model_state_dict
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    t = cfg.train
+    if t.batch_size < 1 or t.gradient_accumulation < 1:
+        raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
+    if t.learning_rate <= 0:
+        raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
+    train_rows = load_split(cfg.data.out_dir, "train")
+    eval_rows = load_split(cfg.data.out_dir, "eval")
+
+    torch.manual_seed(t.seed)
+    device = resolve_device(cfg.model.device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    loaded = load_base_model(cfg.model, device)
+    tokenizer = loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    train_examples = encode_rows(tokenizer, train_rows, t.max_length)
+    eval_examples = encode_rows(tokenizer, eval_rows[: t.eval_examples or None], t.max_length)
+    if not train_examples:
+        raise LoralabError(f"no training example fits in train.max_length={t.max_length}")
+
+    model = attach_lora(loaded.model, cfg.lora)
+    if cfg.model.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable, total_params = count_parameters(model)
+
+    per_epoch = steps_per_epoch(len(train_examples), t.batch_size, t.gradient_accumulation)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    plan = plan_batches([len(e.input_ids) for e in train_examples], t.batch_size, t.gradient_accumulation, total_steps, t.seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
+    )
+    scheduler = get_scheduler(
+        t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
+    )
+
+    run_dir = Path(t.run_dir)
+    start_step = 0
+    if resume:
+        state = load_latest_checkpoint(run_dir)
+        if state is None:
+            print(f"no checkpoint under {run_dir}/checkpoints: starting from step 0", file=sys.stderr)
+        else:
+            set_peft_model_state_dict(model, state["adapter"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            start_step = state["step"]
+    elif _checkpoints(run_dir):
+        shutil.rmtree(run_dir / "checkpoints")  # a fresh run must not resume stale state later
+    log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step)
+
+    pad_id = tokenizer.pad_token_id
+    if not quiet:
+        print(
+            f"training {trainable:,} LoRA parameters ({100 * trainable / total_params:.2f}% of {total_params:,}) "
+            f"on {len(train_examples)} examples, {total_steps} steps, device={device.type}, "
+            f"autocast={amp_dtype or 'fp32'}" + (f", resuming at step {start_step}" if start_step else ""),
+            flush=True,
+        )
+    started = time.perf_counter()
+    last_loss = last_eval = None
+    completed = start_step  # optimizer steps whose update is in the weights
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            rng_at_step_start = torch.get_rng_state()
+            if stop_at_step is not None and step > stop_at_step:
+                raise KeyboardInterrupt
+            step_started = time.perf_counter()
+            micro_batches = [[train_examples[i] for i in mb] for mb in plan[step - 1]]
+            n_answer = sum(e.n_label_tokens for mb in micro_batches for e in mb)
+            n_tokens = sum(len(e.input_ids) for mb in micro_batches for e in mb)
+            loss_sum = 0.0
+            for examples in micro_batches:
+                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
+                with autocast(device, amp_dtype):
+                    nll, _ = answer_nll_fast(model, batch)
+                # Token-weighted over the whole optimizer step, however it is split into micro-batches.
+                (nll / n_answer).backward()
+                loss_sum += nll.item()
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            completed = step
+
+            last_loss = loss_sum / n_answer
+            entry = {
+                "step": step,
+                "epoch": round(step / per_epoch, 3),
+                "loss": round(last_loss, 5),
+                "eval_loss": None,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": round(n_tokens / (time.perf_counter() - step_started), 1),
+                "peak_rss_mb": round(peak_rss_mb(), 1),
+                "elapsed_s": round(time.perf_counter() - started, 1),
+            }
+            if eval_examples and t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps):
+                last_eval = mean_answer_loss(model, eval_examples, pad_id, t.batch_size, device, amp_dtype)
+                entry["eval_loss"] = round(last_eval, 5)
+            log.write(entry)
+            bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
+            bar.update(1)
+            if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, torch.get_rng_state())
+    except KeyboardInterrupt:
+        bar.close()
+        if completed > start_step:
+            # An unfinished step left at most some gradients behind (zeroed on resume); the weights,
+            # optimizer and RNG below are exactly those at the end of step `completed`.
+            rng = rng_at_step_start if completed < step else torch.get_rng_state()
+            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, rng)
+        print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
+        return TrainResult(None, completed, total_steps, last_loss, last_eval, interrupted=True)
+    bar.close()
+
+    wall = time.perf_counter() - started
+    entries = log.entries()
+    training_args = {
+        "config": cfg.to_dict(),
+        "base_model": loaded.base_name,
+        "base_model_local_dir": str(loaded.local_dir),
+        "trainable_parameters": trainable,
+        "total_parameters": total_params,
+        "train_examples": len(train_examples),
+        "eval_examples_for_loss": len(eval_examples),
+        "total_steps": total_steps,
+        "resumed_from_step": start_step or None,
+        "final_train_loss": last_loss,
+        "final_eval_loss": last_eval,
+        "train_wall_seconds_this_process": round(wall, 1),
+        "mean_tokens_per_s": round(sum(e["tokens_per_s"] for e in entries) / max(len(entries), 1), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": device.type,
+        "autocast": str(amp_dtype) if amp_dtype else "fp32",
+        "versions": _versions(),
+    }
+    save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args})
+    if t.loss_plot:
+        plot_losses(entries, Path(t.loss_plot))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
+    if not quiet:
+        print(f"saved adapter to {t.output_dir}/ (train loss {last_loss:.4f}, eval loss {last_eval}) in {wall:.0f} s")
+    return TrainResult(Path(t.output_dir), total_steps, total_steps, last_loss, last_eval, interrupted=False)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+if __name__ == "__main__":
+    from loralab.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

