@@ -4,6 +4,8 @@
     loralab train    [--resume]
     loralab evaluate [--adapter DIR]
     loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
+    loralab tune     [--quick]                  # grid search; experiments/metrics_comparison.json
+    loralab merge    [--adapter DIR] [--out DIR] # base + adapter as one plain HF model directory
     loralab config                              # print the resolved config as YAML
 
 Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
@@ -52,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = verbs.add_parser("run", parents=[common], help="prepare, train, evaluate and report")
     run.add_argument("--resume", action="store_true")
+
+    merge = verbs.add_parser("merge", parents=[common], help="merge the adapter into the base model (plain HF directory)")
+    merge.add_argument("--adapter", help="adapter directory (default: train.output_dir)")
+    merge.add_argument("--out", default="models/fine_tuned_model", help="output directory (default: models/fine_tuned_model)")
+
+    verbs.add_parser("tune", parents=[common], help="grid search over tune.grid, scored on the eval split")
 
     verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     return parser
@@ -103,6 +111,17 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate_model_pair(cfg, adapter_dir=args.adapter)
             print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
+        elif args.verb == "merge":
+            from .model_utils import merge_to_directory
+
+            out = merge_to_directory(cfg.model, args.adapter or cfg.train.output_dir, args.out)
+            print(f"wrote the merged model to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
+        elif args.verb == "tune":
+            from .tuning import tune
+
+            summary = tune(cfg)
+            print(f"best of {len(summary['trials'])} trials: {summary['best']['params']} (eval loss {summary['best']['eval_loss']:.4f}); "
+                  f"wrote {cfg.tune.results_json} and {cfg.tune.best_config_yaml}")
         elif args.verb == "run":
             from .pipeline import run_all
 

@@ -265,9 +265,9 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
     start_step = 0
     if resume:
         state = load_latest_checkpoint(run_dir)
-        if state is None:
+        if state is None and run_dir.exists():
             print(f"no checkpoint under {run_dir}/checkpoints: starting from step 0", file=sys.stderr)
-        else:
+        elif state is not None:
             set_peft_model_state_dict(model, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

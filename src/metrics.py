@@ -57,11 +57,14 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 METRICS = {"exact_match": exact_match, "contains": contains, "token_f1": token_f1, "rouge_l": rouge_l}
 
-# The headline metric per built-in task: exact match where the answer is a code or an expansion,
+# The headline metric per built-in task: exact match where the answer is a code, an expansion or
+# a category name,
 # overlap scores where it is free text.
 PRIMARY_METRIC = {
     "icd_description_to_code": "exact_match",
     "abbreviation_expansion": "exact_match",
+    "icd_chapter": "exact_match",
+    "hpo_category": "exact_match",
     "icd_code_to_description": "token_f1",
     "hpo_definition": "rouge_l",
     "disease_phenotypes": "token_f1",

@@ -282,3 +282,14 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def merge_to_directory(cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """Base + adapter merged into one plain Hugging Face directory (safetensors, tokenizer, chat
+    template) that transformers loads with no PEFT and no loralab; written atomically."""
+    loaded = load_base_model(cfg, torch.device("cpu"))
+    merged = merge_adapter(load_adapter(loaded.model, adapter_dir))
+    with atomic_io.staged_dir(out_dir) as staged:
+        merged.save_pretrained(staged, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(staged)
+    return Path(out_dir)

@@ -74,3 +74,22 @@ def test_adapter_roundtrip_plain_peft_and_merge(tiny_llama_dir, tmp_path):
     torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     bin_state = torch.load(tmp_path / "lora" / "adapter_model.bin")
     assert set(bin_state) and all("lora_" in k for k in bin_state)
+
+
+def test_merge_to_directory_loads_with_plain_transformers(tiny_llama_dir, tmp_path):
+    from loralab.model_utils import merge_to_directory
+
+    loaded = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)))
+    peft_model = attach_lora(loaded.model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    expected = peft_model(input_ids=ids).logits
+    save_adapter(peft_model, tmp_path / "lora", "tiny")
+    out = merge_to_directory(ModelConfig(name_or_path=str(tiny_llama_dir)), tmp_path / "lora", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert (out / "tokenizer_config.json").is_file()
