@@ -14,6 +14,7 @@ Runnable as `python src/data_preparation.py [--dataset PATH] ...` as well as `lo
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
 import json
@@ -99,7 +100,7 @@ def _read_json(path: Path, text: str) -> Iterator[tuple[int, Any]]:
             _, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError:
             end = position
-        line = next((i for i in range(len(starts) - 1, -1, -1) if starts[i] <= position), 0) + 1
+        line = bisect.bisect_right(starts, position)
         position = end
         yield line, element
 
@@ -329,6 +330,8 @@ def split_records(records: list[dict], eval_fraction: float, test_fraction: floa
     splits: dict[str, list[dict]] = {name: [] for name in SPLITS}
     for record in records:
         splits[assignment[record["group"]]].append(record)
+    for name in SPLITS:  # source order (e.g. sorted by code) must not leak into "the first N"
+        random.Random(f"{seed}:order:{name}").shuffle(splits[name])
     return splits
 
 

@@ -48,3 +48,15 @@ def test_write_json_leaves_old_file_when_serialisation_fails(tmp_path):
         atomic_io.write_json(path, {"a": object()})
     assert path.read_text().strip().startswith("{") and '"a": 1' in path.read_text()
     assert os.listdir(tmp_path) == ["m.json"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_io.write_json(tmp_path / "f.json", {})
+        with atomic_io.staged_dir(tmp_path / "d") as staged:
+            (staged / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -74,6 +74,7 @@ def test_sharegpt_multi_turn(tmp_path):
         ("bad.json", '[\n  {"question": "a",\n   "answer": "b"},\n  {"question": }\n]', r"bad\.json:4: malformed JSON"),
         ("nofield.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c"}\n', r"nofield\.jsonl:2: missing answer field"),
         ("noq.jsonl", '{"answer": "b"}\n', r"noq\.jsonl:1: missing question field"),
+        ("nofield.json", '[\n  {"question": "a", "answer": "b"},\n\n  {"question": "c"}\n]', r"nofield\.json:4: missing answer field"),
         ("empty_answer.jsonl", '{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": "  "}\n', r"empty_answer\.jsonl:3: empty answer"),
         ("empty.jsonl", "\n\n", r"empty\.jsonl: no usable rows"),
         ("empty_array.json", "[]", r"empty_array\.json: no usable rows"),
