@@ -40,8 +40,8 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> str:
+    """Write `data` to a new temporary sibling of `path` (synced to disk); return its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -50,6 +50,16 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = _write_temp(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -61,7 +71,24 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_json_set({Path(path): obj})
+
+
+def write_json_set(files: dict[Path, Any]) -> None:
+    """Several JSON files that belong together (a dataset's splits): everything is serialised and
+    written to temporary siblings first, then all are renamed in one quick pass, so a failure while
+    writing leaves the previous set untouched and a kill can only land in the microseconds of renames."""
+    encoded = {Path(p): (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8") for p, obj in files.items()}
+    staged: list[tuple[str, Path]] = []
+    try:
+        for path, data in encoded.items():
+            staged.append((_write_temp(path, data), path))
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    for tmp, path in staged:
+        os.replace(tmp, path)
 
 
 def recover_dir(dest: str | Path) -> None:

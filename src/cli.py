@@ -66,19 +66,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
-    mapping = {
-        "dataset": "data.dataset", "format": "data.format", "question_field": "data.question_field",
-        "answer_field": "data.answer_field", "task_field": "data.task_field", "out_dir": "data.out_dir",
-    }
-    for attr, key in mapping.items():
+    presets = [REPO_CONFIGS / "quick.yaml"] if args.quick else []
+    cfg = load_config(*presets, args.config, overrides=args.overrides)  # the user's file wins over the preset
+    # Paths and field names are taken literally (not parsed as YAML: "2024-05-01" stays a string).
+    for attr in ("dataset", "format", "question_field", "answer_field", "task_field", "out_dir"):
         value = getattr(args, attr, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            setattr(cfg.data, attr, value)
     if getattr(args, "skip_invalid", False):
-        overrides.append("data.skip_invalid=true")
-    presets = [REPO_CONFIGS / "quick.yaml"] if args.quick else []
-    return load_config(args.config, *presets, overrides=overrides)
+        cfg.data.skip_invalid = True
+    return cfg
 
 
 def _quiet_library_noise() -> None:

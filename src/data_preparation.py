@@ -378,8 +378,7 @@ def prepare_dataset(cfg: DataConfig) -> dict[str, Any]:
         "test_split.json": splits["test"],
         "dataset_card.json": card,
     }
-    for name, content in files.items():
-        atomic_io.write_json(out / name, content)
+    atomic_io.write_json_set({out / name: content for name, content in files.items()})
     return card
 
 

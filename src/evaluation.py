@@ -57,7 +57,10 @@ def answer_perplexity(model, tokenizer, rows: list[dict], batch_size: int, max_l
             nll_sum[task] += value
             tokens[task] += example.n_label_tokens
     total_nll, total_tokens = sum(nll_sum.values()), sum(tokens.values())
+    if not total_tokens:
+        raise LoralabError(f"no evaluation example fits in train.max_length={max_length}")
     return {
+        "examples_scored": len(encoded),
         "perplexity": math.exp(total_nll / total_tokens),
         "answer_tokens": total_tokens,
         "per_task_ppl": {task: math.exp(nll_sum[task] / tokens[task]) for task in sorted(tokens)},
@@ -131,6 +134,8 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     tokenizer = loaded.tokenizer
     ensure_chat_template(tokenizer)
     model = load_adapter(loaded.model, adapter_dir)
+    if cfg.eval.generation_per_task < 1:
+        raise LoralabError("eval.generation_per_task must be at least 1")
     gen_rows = generation_subset(rows, cfg.eval.generation_per_task)
 
     results: dict = {"split": cfg.eval.split, "examples": len(rows), "generation_examples": len(gen_rows),

@@ -13,13 +13,16 @@ Outputs: the adapter in `train.output_dir` (lora/), `training_args.json` beside 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import platform
 import random
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,10 @@ def peak_rss_mb() -> float:
 
 def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[EncodedExample]:
     encoded = [encode_chat(tokenizer, row["messages"], max_length) for row in rows]
+    dropped = sum(e is None for e in encoded)
+    if dropped:
+        print(f"warning: {dropped} of {len(rows)} examples do not fit in train.max_length={max_length} with their "
+              f"whole final answer and were left out (raise train.max_length to keep them)", file=sys.stderr)
     return [e for e in encoded if e is not None]
 
 
@@ -78,6 +85,11 @@ def plan_batches(lengths: list[int], batch_size: int, accumulation: int, total_s
             chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
             micro += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(micro)
+        if len(micro) < accumulation:
+            raise LoralabError(
+                f"{len(lengths)} training examples make {len(micro)} micro-batches of {batch_size}, fewer than "
+                f"train.gradient_accumulation={accumulation}: lower one of them"
+            )
         for start in range(0, len(micro) - accumulation + 1, accumulation):
             steps.append(micro[start : start + accumulation])
         epoch += 1
@@ -186,9 +198,9 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, rng_state: torch.Tensor) -> None:
-    """`rng_state` is the torch RNG as it was when step `step + 1` began, so LoRA dropout after a
-    resume draws exactly the masks an uninterrupted run would have drawn."""
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict) -> None:
+    """Saved between steps: the torch RNG is then exactly as step `step + 1` will find it, so LoRA
+    dropout after a resume draws the masks an uninterrupted run would have drawn."""
     from peft import get_peft_model_state_dict
 
     with atomic_io.staged_dir(run_dir / "checkpoints" / f"step-{step:07d}") as staged:
@@ -198,7 +210,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
                 "adapter": get_peft_model_state_dict(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "torch_rng": rng_state,
+                "torch_rng": torch.get_rng_state(),
+                "fingerprint": fingerprint,
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             },
             staged / "state.pt",
@@ -219,6 +232,44 @@ def load_latest_checkpoint(run_dir: Path) -> dict | None:
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary, where it checkpoints
+    exactly the state after the last finished step (an optimizer step cut in half could not be
+    resumed faithfully). A second Ctrl-C stops at once; the last periodic checkpoint remains."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop now) ...", file=sys.stderr)
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_fingerprint(cfg: Config) -> dict:
+    """The settings a checkpoint is only valid for: resuming with others would be silently wrong."""
+    t = cfg.train
+    return {
+        "model": cfg.model.name_or_path,
+        "lora": dataclasses.asdict(cfg.lora),
+        "train": {k: getattr(t, k) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size",
+                                              "gradient_accumulation", "epochs", "max_steps", "max_length", "seed")},
+        "data": cfg.data.out_dir,
+    }
+
 
 def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, quiet: bool = False) -> TrainResult:
     """Fine-tune and save the adapter. `stop_at_step` simulates an interruption (used by tests)."""
@@ -257,9 +308,12 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
     )
-    scheduler = get_scheduler(
-        t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
-    )
+    try:
+        scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
+        )
+    except ValueError as exc:
+        raise LoralabError(f"train.lr_scheduler={t.lr_scheduler!r}: {exc}") from None
 
     run_dir = Path(t.run_dir)
     start_step = 0
@@ -268,6 +322,11 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
         if state is None and run_dir.exists():
             print(f"no checkpoint under {run_dir}/checkpoints: starting from step 0", file=sys.stderr)
         elif state is not None:
+            if state.get("fingerprint") != resume_fingerprint(cfg):
+                raise LoralabError(
+                    f"the checkpoint in {run_dir}/checkpoints was made with other settings; resume with the same "
+                    f"config, or train without --resume (or with another train.run_dir) to start fresh"
+                )
             set_peft_model_state_dict(model, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -288,14 +347,16 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
             flush=True,
         )
     started = time.perf_counter()
-    last_loss = last_eval = None
+    previous = [e for e in log.entries() if e["step"] <= start_step]
+    last_loss = previous[-1]["loss"] if previous else None
+    last_eval = next((e["eval_loss"] for e in reversed(previous) if e["eval_loss"] is not None), None)
+    fingerprint = resume_fingerprint(cfg)
     completed = start_step  # optimizer steps whose update is in the weights
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
-    try:
+    with StopRequest() as stop:
         for step in range(start_step + 1, total_steps + 1):
-            rng_at_step_start = torch.get_rng_state()
-            if stop_at_step is not None and step > stop_at_step:
-                raise KeyboardInterrupt
+            if stop.requested or (stop_at_step is not None and step > stop_at_step):
+                break
             step_started = time.perf_counter()
             micro_batches = [[train_examples[i] for i in mb] for mb in plan[step - 1]]
             n_answer = sum(e.n_label_tokens for mb in micro_batches for e in mb)
@@ -333,14 +394,11 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
             bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
             bar.update(1)
             if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, torch.get_rng_state())
-    except KeyboardInterrupt:
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint)
+    if completed < total_steps:
         bar.close()
         if completed > start_step:
-            # An unfinished step left at most some gradients behind (zeroed on resume); the weights,
-            # optimizer and RNG below are exactly those at the end of step `completed`.
-            rng = rng_at_step_start if completed < step else torch.get_rng_state()
-            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, rng)
+            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint)
         print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
         return TrainResult(None, completed, total_steps, last_loss, last_eval, interrupted=True)
     bar.close()
@@ -371,7 +429,8 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
         plot_losses(entries, Path(t.loss_plot))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
     if not quiet:
-        print(f"saved adapter to {t.output_dir}/ (train loss {last_loss:.4f}, eval loss {last_eval}) in {wall:.0f} s")
+        eval_text = f"{last_eval:.4f}" if last_eval is not None else "-"
+        print(f"saved adapter to {t.output_dir}/ (train loss {last_loss:.4f}, eval loss {eval_text}) in {wall:.0f} s")
     return TrainResult(Path(t.output_dir), total_steps, total_steps, last_loss, last_eval, interrupted=False)
 
 

@@ -58,7 +58,10 @@ class EncodedExample:
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int) -> EncodedExample | None:
-    """Token ids and labels (assistant spans only); None when no answer token fits in max_length."""
+    """Token ids and labels (assistant spans only, each ending with the template's end-of-turn).
+
+    None when the conversation does not fit in max_length: cutting it would cut the final answer
+    before its end-of-turn token and teach the model not to stop."""
     input_ids: list[int] = []
     labels: list[int] = []
     for index, message in enumerate(messages):
@@ -70,7 +73,8 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> EncodedExam
             raise LoralabError("the tokenizer's chat template does not render a conversation as a prefix of its continuation; cannot locate the answer tokens")
         labels += [IGNORE_INDEX] * (len(before) - len(input_ids)) + through[len(before):]
         input_ids = through
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if len(input_ids) > max_length:
+        return None
     example = EncodedExample(input_ids, labels)
     return example if example.n_label_tokens > 0 else None
 

@@ -246,6 +246,9 @@ def build_medical_dataset(per_task: dict[str, int], seed: int) -> list[dict]:
     unknown = set(per_task) - set(TASKS)
     if unknown:
         raise LoralabError(f"data.builtin_per_task: unknown task(s) {sorted(unknown)} (known: {list(TASKS)})")
+    bad = {k: v for k, v in per_task.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0}
+    if bad:
+        raise LoralabError(f"data.builtin_per_task: counts must be whole numbers >= 0, got {bad}")
     records = (
         _hpo_records(per_task, random.Random(seed))
         + _icd_records(per_task, random.Random(seed + 1))

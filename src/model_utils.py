@@ -208,7 +208,9 @@ def find_target_modules(model: torch.nn.Module, spec) -> list[str]:
         raise LoralabError(
             f"no known attention projections in {type(model).__name__}; set lora.target_modules to some of {sorted(suffixes)}"
         )
-    names = [spec] if isinstance(spec, str) else list(spec)
+    names = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names):
+        raise LoralabError(f"lora.target_modules={spec!r}: expected auto, all-linear, or a list of module names")
     missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in leaves)]
     if missing:
         raise LoralabError(f"lora.target_modules: {missing} not found in {type(model).__name__} (available: {sorted(suffixes)})")

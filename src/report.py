@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import atomic_io
@@ -44,7 +45,7 @@ def write_report(results: dict, cfg: Config) -> None:
     tasks = sorted(base["per_task"])
     plots = Path(cfg.eval.plots_dir)
     report_path = Path(cfg.eval.report_md)
-    rel = lambda p: Path(p).resolve().relative_to(report_path.parent.resolve()).as_posix()  # noqa: E731
+    rel = lambda p: Path(os.path.relpath(p, report_path.parent)).as_posix()  # noqa: E731
 
     _bar_plot(plots / "accuracy_by_task.png", "Domain accuracy by task (primary metric)", "score (0-1)",
               tasks, [base["per_task"][t]["primary"] for t in tasks], [tuned["per_task"][t]["primary"] for t in tasks])

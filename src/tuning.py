@@ -9,6 +9,7 @@ stopped. The best trial's full config is written as YAML that `loralab train --c
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import math
@@ -38,7 +39,9 @@ def grid_trials(grid: dict[str, list]) -> list[dict[str, object]]:
 def trial_config(cfg: Config, params: dict[str, object], index: int) -> Config:
     trial = copy.deepcopy(cfg)
     apply_overrides(trial, [f"{k}={json.dumps(v)}" for k, v in params.items()])  # validates the names too
-    run = Path(cfg.tune.runs_dir) / f"trial-{index:03d}"
+    # Named by its parameters, so editing the grid never resumes another trial's checkpoint.
+    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    run = Path(cfg.tune.runs_dir) / f"trial-{index:03d}-{digest}"
     steps = max(1, cfg.tune.trial_examples // (trial.train.batch_size * trial.train.gradient_accumulation))
     trial.train.max_steps = steps
     trial.train.eval_examples = cfg.tune.trial_eval_examples
@@ -54,7 +57,9 @@ def trial_config(cfg: Config, params: dict[str, object], index: int) -> Config:
 def tune(cfg: Config) -> dict:
     trials = grid_trials(cfg.tune.grid)
     configs = [trial_config(cfg, params, i) for i, params in enumerate(trials)]  # all validated up front
-    prepare_dataset(cfg.data)
+    card = prepare_dataset(cfg.data)
+    if not card["splits"]["eval"] or cfg.tune.trial_eval_examples < 0:
+        raise LoralabError("tuning scores trials on the eval split, which is empty: raise data.eval_fraction")
     results_path = Path(cfg.tune.results_json)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     done = {json.dumps(t["params"], sort_keys=True): t for t in previous.get("trials", []) if t.get("trial_examples") == cfg.tune.trial_examples}
@@ -69,6 +74,8 @@ def tune(cfg: Config) -> dict:
         result = train(trial_cfg, resume=True)
         if result.interrupted:
             raise KeyboardInterrupt
+        if result.final_eval_loss is None:
+            raise LoralabError(f"trial {params}: no eval example fits in train.max_length; raise it")
         args = json.loads((Path(trial_cfg.train.output_dir) / "training_args.json").read_text())
         records.append({
             "trial": index,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from loralab.config import LoraSettings, ModelConfig
 from loralab.data_preparation import load_split
+from loralab.errors import LoralabError
 from loralab.fine_tune_lora import plan_batches, train
 from loralab.formatting import collate, encode_chat
 from loralab.losses import answer_nll_fast, answer_nll_plain
@@ -57,8 +58,10 @@ def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_config, tmp_
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
-def test_killed_process_resumes_to_the_same_adapter(tiny_config, tmp_path):
-    """A real SIGKILL mid-run (not a polite interrupt), then --resume from the last checkpoint."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_process_resumes_to_the_same_adapter(tiny_config, tmp_path, sig):
+    """A real signal mid-run: SIGKILL (resume from the last periodic checkpoint) or SIGTERM (the
+    loop stops at the next step boundary and checkpoints it), then --resume."""
     tiny_config.train.max_steps = 200  # long enough that the kill lands mid-run on any machine
     tiny_config.train.save_every = 1
     tiny_config.train.eval_every = 50
@@ -77,13 +80,27 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_config, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list((run_dir / "checkpoints").glob("step-*[0-9]"))) == 0:
         time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(sig)
+    assert process.wait() == (130 if sig == signal.SIGTERM else -signal.SIGKILL)
     assert not (tmp_path / "killed_lora").exists()
     assert subprocess.run(command + ["--resume"], capture_output=True).returncode == 0
     got = _adapter(tmp_path / "killed_lora")
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(tiny_config):
+    assert train(tiny_config, stop_at_step=2, quiet=True).interrupted
+    tiny_config.lora.r = 16
+    with pytest.raises(LoralabError, match="made with other settings"):
+        train(tiny_config, resume=True, quiet=True)
+
+
+def test_too_few_examples_for_the_accumulation_fail_clearly(tiny_config):
+    tiny_config.train.batch_size = 32
+    tiny_config.train.gradient_accumulation = 4
+    with pytest.raises(LoralabError, match="fewer than train.gradient_accumulation=4"):
+        train(tiny_config, quiet=True)
 
 
 def test_interrupted_run_keeps_the_previous_adapter(tiny_config):
