@@ -91,6 +91,15 @@ def write_json_set(files: dict[Path, Any]) -> None:
         os.replace(tmp, path)
 
 
+def save_figure(fig, path: str | Path, dpi: int = 110) -> None:
+    """Save a matplotlib figure through a temporary sibling (a kill never leaves half a PNG)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(buffer, dpi=dpi)
+    os.replace(buffer, path)
+
+
 def recover_dir(dest: str | Path) -> None:
     """Put back a directory that a fallback swap moved aside before the process died."""
     dest = Path(dest)

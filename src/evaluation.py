@@ -95,7 +95,7 @@ def generate_answers(model, tokenizer, rows: list[dict], batch_size: int, max_ne
 
 
 def generation_subset(rows: list[dict], per_task: int) -> list[dict]:
-    """The first `per_task` rows of each task, in split order (the split is already shuffled)."""
+    """The first `per_task` rows (or samples) of each task, in order (splits are stored shuffled)."""
     taken: dict[str, int] = defaultdict(int)
     subset = []
     for row in rows:
@@ -106,7 +106,8 @@ def generation_subset(rows: list[dict], per_task: int) -> list[dict]:
 
 
 def score_answers(rows: list[dict], answers: list[str]) -> dict:
-    """Per task: every metric's mean, and the task's primary metric."""
+    """Per task: every metric's mean, and the task's primary metric with its standard error
+    (std of the per-question scores / sqrt(n)); the headline is the macro mean over tasks."""
     by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for row, answer in zip(rows, answers):
         by_task[row["task"]].append((answer, row["answer"]))
@@ -115,9 +116,16 @@ def score_answers(rows: list[dict], answers: list[str]) -> dict:
         scores = [score_all(a, r) for a, r in pairs]
         means = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
         metric = primary_metric(task, [r for _, r in pairs])
-        per_task[task] = {"n": len(pairs), "primary_metric": metric, "primary": means[metric], **means}
-    macro = sum(v["primary"] for v in per_task.values()) / len(per_task)
-    return {"domain_accuracy": 100 * macro, "per_task": per_task}
+        values = [s[metric] for s in scores]
+        variance = sum((v - means[metric]) ** 2 for v in values) / max(len(values) - 1, 1)
+        per_task[task] = {"n": len(pairs), "primary_metric": metric, "primary": means[metric],
+                          "primary_se": math.sqrt(variance / len(values)), **means}
+    k = len(per_task)
+    return {
+        "domain_accuracy": 100 * sum(v["primary"] for v in per_task.values()) / k,
+        "domain_accuracy_se": 100 * math.sqrt(sum(v["primary_se"] ** 2 for v in per_task.values())) / k,
+        "per_task": per_task,
+    }
 
 
 def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quiet: bool = False) -> dict:
@@ -152,7 +160,8 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
         results["models"][name] = {**ppl, **score_answers(gen_rows, answers[name]), "seconds": round(time.perf_counter() - started, 1)}
         if not quiet:
             m = results["models"][name]
-            print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f}%", flush=True)
+            print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f} "
+                  f"± {m['domain_accuracy_se']:.1f}%", flush=True)
 
     base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
     results["summary"] = {
@@ -164,20 +173,10 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
          "base": answers["base"][i], "fine_tuned": answers["fine_tuned"][i]}
         for i, row in enumerate(gen_rows)
     ]
-    results["showcase"] = _first_per_task(results["samples"], cfg.eval.showcase_per_task)
+    results["showcase"] = generation_subset(results["samples"], cfg.eval.showcase_per_task)
     atomic_io.write_json(cfg.eval.results_json, results)
     write_report(results, cfg)
     return results
-
-
-def _first_per_task(samples: list[dict], n: int) -> list[dict]:
-    seen: dict[str, int] = defaultdict(int)
-    out = []
-    for sample in samples:
-        if seen[sample["task"]] < n:
-            seen[sample["task"]] += 1
-            out.append(sample)
-    return out
 
 
 if __name__ == "__main__":

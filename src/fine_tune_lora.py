@@ -166,11 +166,8 @@ def plot_losses(entries: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(buffer, dpi=110)
+    atomic_io.save_figure(fig, path)
     plt.close(fig)
-    buffer.replace(path)
 
 
 @torch.no_grad()

@@ -33,11 +33,8 @@ def _bar_plot(path: Path, title: str, ylabel: str, labels: list[str], base: list
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(buffer, dpi=110)
+    atomic_io.save_figure(fig, path)
     plt.close(fig)
-    buffer.replace(path)
 
 
 def write_report(results: dict, cfg: Config) -> None:
@@ -58,13 +55,14 @@ def write_report(results: dict, cfg: Config) -> None:
         "# Evaluation report",
         "",
         f"Base model `{results['base_model']}` versus the same model with the LoRA adapter in `{results['adapter_dir']}`, "
-        f"on the held-out **{results['split']}** split ({results['examples']} examples for perplexity, "
+        f"on the held-out **{results['split']}** split ({results['models']['base']['examples_scored']} examples for perplexity, "
         f"{results['generation_examples']} for generated-answer accuracy). Regenerate with `loralab evaluate`.",
         "",
         "| metric | base | fine-tuned | change |",
         "|---|---:|---:|---:|",
         f"| answer perplexity (token-weighted, lower is better) | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} | {s['perplexity_ratio_base_over_tuned']:.2f}x lower |",
-        f"| domain accuracy (macro mean of per-task primary metric, %) | {base['domain_accuracy']:.1f} | {tuned['domain_accuracy']:.1f} | {s['domain_accuracy_gain_points']:+.1f} points |",
+        f"| domain accuracy (macro mean of per-task primary metric, %, ± standard error) | {base['domain_accuracy']:.1f} ± {base['domain_accuracy_se']:.1f} "
+        f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} | {s['domain_accuracy_gain_points']:+.1f} points |",
         "",
         "## Per task",
         "",
@@ -74,12 +72,13 @@ def write_report(results: dict, cfg: Config) -> None:
     for t in tasks:
         b, f = base["per_task"][t], tuned["per_task"][t]
         lines.append(
-            f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} | {f['primary']:.3f} | {b['exact_match']:.3f} | "
+            f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} ± {b['primary_se']:.3f} | {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['exact_match']:.3f} | "
             f"{f['exact_match']:.3f} | {b['contains']:.3f} | {f['contains']:.3f} | {base['per_task_ppl'].get(t, float('nan')):.2f} | "
             f"{tuned['per_task_ppl'].get(t, float('nan')):.2f} |"
         )
     lines += [
         "",
+        "± is one standard error over the questions of a task (with 20 questions, an exact-match rate of 0.5 has ± 0.11). "
         "`contains` credits an answer that includes the reference anywhere (lenient towards the verbose base model); "
         "exact match and token F1 use SQuAD normalisation (lower case, no punctuation or articles).",
         "",

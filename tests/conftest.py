@@ -83,15 +83,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def outputs_under(cfg: Config, root: Path) -> Config:
+    """Point every file a run writes at `root`, so tests never touch the committed results."""
+    cfg.data.out_dir = str(root / "data")
+    cfg.train.run_dir = str(root / "run")
+    cfg.train.output_dir = str(root / "lora")
+    cfg.train.log_file = str(root / "training_logs.txt")
+    cfg.train.loss_plot = str(root / "loss.png")
+    cfg.eval.results_json = str(root / "eval.json")
+    cfg.eval.report_md = str(root / "report.md")
+    cfg.eval.plots_dir = str(root / "plots")
+    return cfg
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_llama_dir) -> Config:
     """A config whose every output lives under tmp_path, over a prepared 40-row dataset."""
     from loralab.data_preparation import prepare_dataset
 
-    cfg = Config()
+    cfg = outputs_under(Config(), tmp_path)
     cfg.data.dataset = str(write_jsonl(tmp_path / "qa.jsonl", QA_ROWS))
     cfg.data.task_field = "task"
-    cfg.data.out_dir = str(tmp_path / "data")
     cfg.model.name_or_path = str(tiny_llama_dir)
     cfg.model.cache_dir = str(tmp_path / "models")
     cfg.model.precision = "fp32"
@@ -101,14 +113,7 @@ def tiny_config(tmp_path, tiny_llama_dir) -> Config:
     cfg.train.max_steps = 6
     cfg.train.eval_every = 3
     cfg.train.save_every = 2
-    cfg.train.run_dir = str(tmp_path / "run")
-    cfg.train.output_dir = str(tmp_path / "lora")
-    cfg.train.log_file = str(tmp_path / "training_logs.txt")
-    cfg.train.loss_plot = str(tmp_path / "loss.png")
     cfg.eval.generation_per_task = 2
     cfg.eval.max_new_tokens = 8
-    cfg.eval.results_json = str(tmp_path / "eval.json")
-    cfg.eval.report_md = str(tmp_path / "report.md")
-    cfg.eval.plots_dir = str(tmp_path / "plots")
     prepare_dataset(cfg.data)
     return cfg

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import outputs_under
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,24 +20,16 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, smol_dir):
     tmp = tmp_path_factory.mktemp("e2e")
-    cfg = Config()
+    cfg = outputs_under(Config(), tmp)
     cfg.model.cache_dir = str(smol_dir.parent)
-    cfg.data.out_dir = str(tmp / "data")
     cfg.data.builtin_per_task = {task: 20 for task in cfg.data.builtin_per_task}
     cfg.train.learning_rate = 1e-3
     cfg.train.batch_size = 4
     cfg.train.max_steps = 8
     cfg.train.eval_every = 4
     cfg.train.eval_examples = 16
-    cfg.train.run_dir = str(tmp / "run")
-    cfg.train.output_dir = str(tmp / "lora")
-    cfg.train.log_file = str(tmp / "log.txt")
-    cfg.train.loss_plot = str(tmp / "loss.png")
     cfg.eval.generation_per_task = 1
     cfg.eval.max_new_tokens = 16
-    cfg.eval.results_json = str(tmp / "eval.json")
-    cfg.eval.report_md = str(tmp / "report.md")
-    cfg.eval.plots_dir = str(tmp / "plots")
     prepare_dataset(cfg.data)
     result = train(cfg, quiet=True)
     return cfg, result
