@@ -133,6 +133,8 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     from .report import write_report
 
     adapter_dir = Path(adapter_dir or cfg.train.output_dir)
+    if cfg.eval.generation_per_task < 1:
+        raise LoralabError("eval.generation_per_task must be at least 1")
     rows = load_split(cfg.data.out_dir, cfg.eval.split)
     if not rows:
         raise LoralabError(f"{cfg.data.out_dir}/{cfg.eval.split}_split.json is empty")
@@ -142,8 +144,6 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     tokenizer = loaded.tokenizer
     ensure_chat_template(tokenizer)
     model = load_adapter(loaded.model, adapter_dir)
-    if cfg.eval.generation_per_task < 1:
-        raise LoralabError("eval.generation_per_task must be at least 1")
     gen_rows = generation_subset(rows, cfg.eval.generation_per_task)
 
     results: dict = {"split": cfg.eval.split, "examples": len(rows), "generation_examples": len(gen_rows),
