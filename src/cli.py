@@ -29,7 +29,7 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (sections: data, model, lora, train, eval)")
+    common.add_argument("--config", help="YAML config file (sections: data, model, lora, train, eval, tune)")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
     common.add_argument("--quick", action="store_true", help=f"apply the ~2-minute preset ({REPO_CONFIGS / 'quick.yaml'})")
