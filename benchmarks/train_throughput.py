@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -28,17 +29,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _common(examples: int):
+    """The default config and the rows both paths train and evaluate on."""
     import torch
 
     from loralab.config import Config
     from loralab.data_preparation import load_split
-    from loralab.fine_tune_lora import encode_rows
 
     cfg = Config()
     torch.manual_seed(cfg.train.seed)
     rows = load_split(REPO / cfg.data.out_dir, "train")[:examples]
     eval_rows = load_split(REPO / cfg.data.out_dir, "eval")[:64]
-    return cfg, rows, eval_rows, encode_rows
+    return cfg, rows, eval_rows
 
 
 def run_plain(examples: int, batch_size: int) -> dict:
@@ -46,11 +47,11 @@ def run_plain(examples: int, batch_size: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from loralab.fine_tune_lora import mean_answer_loss
-    from loralab.formatting import collate
+    from loralab.fine_tune_lora import encode_rows, mean_answer_loss
+    from loralab.formatting import EncodedExample, collate
     from loralab.model_utils import load_base_model
 
-    cfg, rows, eval_rows, encode_rows = _common(examples)
+    cfg, rows, eval_rows = _common(examples)
     loaded = load_base_model(cfg.model, torch.device("cpu"))
     train_examples = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
     eval_examples = encode_rows(loaded.tokenizer, eval_rows, cfg.train.max_length)
@@ -59,8 +60,6 @@ def run_plain(examples: int, batch_size: int) -> dict:
 
     class Examples:  # what the Trainer's collator receives: pad to the longest in the batch
         def __call__(self, features):
-            from loralab.formatting import EncodedExample
-
             return collate([EncodedExample(f["input_ids"], f["labels"]) for f in features], loaded.tokenizer.pad_token_id)
 
     args = TrainingArguments(
@@ -83,10 +82,10 @@ def run_loralab(examples: int, batch_size: int) -> dict:
 
     import torch
 
-    from loralab.fine_tune_lora import mean_answer_loss, train
+    from loralab.fine_tune_lora import encode_rows, mean_answer_loss, train
     from loralab.model_utils import load_adapter, load_base_model
 
-    cfg, rows, eval_rows, encode_rows = _common(examples)
+    cfg, rows, eval_rows = _common(examples)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loralab_"))
     (tmp / "data").mkdir()
     (tmp / "data" / "train_split.json").write_text(json.dumps(rows))
@@ -122,7 +121,7 @@ def main() -> None:
     for path in ("plain", "loralab"):
         print(f"running {path} ...", flush=True)
         out = subprocess.run([sys.executable, __file__, "--path", path, "--examples", str(args.examples), "--batch-size", str(args.batch_size)],
-                             capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                             capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
             sys.exit(f"{path} failed:\n{out.stderr[-3000:]}")

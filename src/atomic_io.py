@@ -56,39 +56,38 @@ def _write_temp(path: Path, data: bytes) -> str:
     return tmp
 
 
-def write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = _write_temp(path, data)
+def write_files(files: dict[Path, bytes]) -> None:
+    """Files that belong together (a dataset's splits, or just one file): all are written to
+    temporary siblings first, then renamed in one quick pass, so a failure while writing leaves the
+    previous files untouched and a kill can only land in the microseconds of renames."""
+    staged: list[tuple[str, Path]] = []
     try:
-        os.replace(tmp, path)
+        for path, data in files.items():
+            staged.append((_write_temp(Path(path), data), Path(path)))
+        for tmp, path in staged:
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    write_files({Path(path): data})
 
 
 def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def write_json_set(files: dict[Path, Any]) -> None:
+    """Several JSON files that belong together, written with `write_files`. Everything is
+    serialised before the first byte is written, so an unserialisable object changes nothing."""
+    write_files({Path(p): (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8") for p, obj in files.items()})
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     write_json_set({Path(path): obj})
-
-
-def write_json_set(files: dict[Path, Any]) -> None:
-    """Several JSON files that belong together (a dataset's splits): everything is serialised and
-    written to temporary siblings first, then all are renamed in one quick pass, so a failure while
-    writing leaves the previous set untouched and a kill can only land in the microseconds of renames."""
-    encoded = {Path(p): (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8") for p, obj in files.items()}
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in encoded.items():
-            staged.append((_write_temp(path, data), path))
-    except BaseException:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> None:

@@ -36,11 +36,15 @@ def grid_trials(grid: dict[str, list]) -> list[dict[str, object]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
+def _params_key(params: dict[str, object]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
 def trial_config(cfg: Config, params: dict[str, object], index: int) -> Config:
     trial = copy.deepcopy(cfg)
     apply_overrides(trial, [f"{k}={json.dumps(v)}" for k, v in params.items()])  # validates the names too
     # Named by its parameters, so editing the grid never resumes another trial's checkpoint.
-    digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(_params_key(params).encode()).hexdigest()[:8]
     run = Path(cfg.tune.runs_dir) / f"trial-{index:03d}-{digest}"
     steps = max(1, cfg.tune.trial_examples // (trial.train.batch_size * trial.train.gradient_accumulation))
     trial.train.max_steps = steps
@@ -58,16 +62,17 @@ def tune(cfg: Config) -> dict:
     trials = grid_trials(cfg.tune.grid)
     configs = [trial_config(cfg, params, i) for i, params in enumerate(trials)]  # all validated up front
     card = prepare_dataset(cfg.data)
-    if not card["splits"]["eval"] or cfg.tune.trial_eval_examples < 0:
+    if cfg.tune.trial_eval_examples < 0:
+        raise LoralabError("tune.trial_eval_examples must be >= 0 (0 means the whole eval split)")
+    if not card["splits"]["eval"]:
         raise LoralabError("tuning scores trials on the eval split, which is empty: raise data.eval_fraction")
     results_path = Path(cfg.tune.results_json)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    done = {json.dumps(t["params"], sort_keys=True): t for t in previous.get("trials", []) if t.get("trial_examples") == cfg.tune.trial_examples}
+    done = {_params_key(t["params"]): t for t in previous.get("trials", []) if t.get("trial_examples") == cfg.tune.trial_examples}
     records = []
     for index, (params, trial_cfg) in enumerate(zip(trials, configs)):
-        key = json.dumps(params, sort_keys=True)
-        if key in done:
-            records.append(done[key])
+        if _params_key(params) in done:
+            records.append(done[_params_key(params)])
             continue
         print(f"trial {index + 1}/{len(trials)}: {params}", flush=True)
         started = time.perf_counter()
