@@ -4,7 +4,9 @@
     loralab train    [--resume]
     loralab evaluate [--adapter DIR]
     loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
-    loralab tune     [--quick]                  # grid search; experiments/metrics_comparison.json
+    loralab tune     [--quick] [--storage URL] [--study-name N] [--sampler S] [--n-trials K] [--timeout-minutes M]
+                                                # Optuna search; experiments/metrics_comparison.json
+    loralab sweep    [--quick]                  # one factor at a time; experiments/sensitivity.json
     loralab merge    [--adapter DIR] [--out DIR] # base + adapter as one plain HF model directory
     loralab config                              # print the resolved config as YAML
 
@@ -59,7 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--adapter", help="adapter directory (default: train.output_dir)")
     merge.add_argument("--out", default="models/fine_tuned_model", help="output directory (default: models/fine_tuned_model)")
 
-    verbs.add_parser("tune", parents=[common], help="grid search over tune.grid, scored on the eval split")
+    tune = verbs.add_parser("tune", parents=[common], help="Optuna search over tune.space, scored on the eval split")
+    tune.add_argument("--storage", help="sqlite:///file.db or postgresql://user:pass@host/db (shared by all workers)")
+    tune.add_argument("--study-name")
+    tune.add_argument("--sampler", choices=("tpe", "grid", "random"))
+    tune.add_argument("--n-trials", type=int, help="finished trials in the whole study (all workers)")
+    tune.add_argument("--timeout-minutes", type=float, help="wall-time budget of this worker (0 = none)")
+
+    verbs.add_parser("sweep", parents=[common], help="sensitivity: one factor at a time around the config (tune.sweep)")
 
     verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     return parser
@@ -75,6 +84,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
             setattr(cfg.data, attr, value)
     if getattr(args, "skip_invalid", False):
         cfg.data.skip_invalid = True
+    for attr in ("storage", "study_name", "sampler", "n_trials", "timeout_minutes"):
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(cfg.tune, attr, value)
     return cfg
 
 
@@ -84,6 +97,7 @@ def _quiet_library_noise() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
+    warnings.filterwarnings("ignore", message=".*is experimental.*")  # Optuna's heartbeat and retry APIs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             from .tuning import tune
 
             summary = tune(cfg)
-            print(f"best of {len(summary['trials'])} trials: {summary['best']['params']} (eval loss {summary['best']['eval_loss']:.4f}); "
-                  f"wrote {cfg.tune.results_json} and {cfg.tune.best_config_yaml}")
+            best = summary["best"]
+            if best is None:
+                print(f"no complete trial yet ({summary['counts']}); wrote {cfg.tune.results_json}")
+            else:
+                print(f"best of {len(summary['trials'])} trials: trial {best['number']} {best['params']} (eval loss "
+                      f"{best['eval_loss']:.4f}); wrote {cfg.tune.results_json}, {cfg.tune.summary_md} and {cfg.tune.best_config_yaml}")
+        elif args.verb == "sweep":
+            from .sweep import sweep
+
+            summary = sweep(cfg)
+            print(f"{len(summary['points'])} points; wrote {cfg.tune.sweep_results_json}, {cfg.tune.sweep_summary_md} "
+                  f"and {cfg.tune.sweep_plot}")
         elif args.verb == "run":
             from .pipeline import run_all
 

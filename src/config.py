@@ -102,17 +102,52 @@ class EvalConfig:
 
 @dataclass
 class TuneConfig:
-    # Grid search: every combination of these `section.key` values is one trial.
-    grid: dict[str, list] = field(
-        default_factory=lambda: {"train.learning_rate": [5e-4, 1e-3, 2e-3], "lora.r": [4, 16], "train.batch_size": [4, 8]}
+    # Search space, by `section.key`: a list is a categorical choice; a mapping {low, high, log}
+    # is a range (int when both ends are ints). `lora.alpha_ratio` sets lora.alpha = ratio x rank.
+    space: dict[str, Any] = field(
+        default_factory=lambda: {
+            "train.learning_rate": {"low": 2.0e-4, "high": 6.0e-3, "log": True},
+            "train.batch_size": [2, 4, 8],
+            "lora.r": [2, 4, 8, 16, 32],
+            "lora.alpha_ratio": [1, 2, 4],
+            "lora.dropout": {"low": 0.0, "high": 0.2},
+            "lora.target_modules": ["auto", "all-linear"],
+        }
     )
+    sampler: str = "tpe"  # tpe | grid (every combination of list-valued params) | random (a control)
+    pruner: str = "median"  # median | hyperband | none: stop bad trials on their intermediate eval loss
+    n_trials: int = 40  # finished (complete or pruned) trials in the whole study, across all workers
+    timeout_minutes: float = 55.0  # wall-time budget of one worker; 0 = none
+    startup_trials: int = 8  # random trials before TPE models the space; trials before pruning starts
+    reports_per_trial: int = 3  # intermediate eval losses per trial (what pruning looks at)
+    study_name: str = "loralab"
+    # Any SQLAlchemy URL Optuna accepts: sqlite:///file.db (default, resumable) or
+    # postgresql://user:pass@host/db (many workers on many machines share one study).
+    storage: str = "sqlite:///runs/tune/study.db"
+    heartbeat_seconds: int = 20  # a worker's pulse; a RUNNING trial silent for grace_seconds is failed
+    grace_seconds: int = 60
+    max_retries: int = 2  # a failed (e.g. killed) trial is re-queued with the same params this often
     # The budget of one trial, in training examples: steps = trial_examples / (batch x accumulation),
     # so trials with different batch sizes see the same data.
     trial_examples: int = 240
     trial_eval_examples: int = 96
     runs_dir: str = "runs/tune"
     results_json: str = "experiments/metrics_comparison.json"
+    summary_md: str = "experiments/tuning_summary.md"
     best_config_yaml: str = "experiments/best_config.yaml"
+    plots_dir: str = "experiments/plots/tune"
+    # `loralab sweep`: one factor at a time around the given config. "x3" means 3 x the config's value.
+    sweep: dict[str, list] = field(
+        default_factory=lambda: {
+            "lora.r": [1, 2, 4, 8, 16, 32, 64],
+            "train.learning_rate": ["x0.1", "x0.3", "x1", "x3", "x10"],
+            "train.batch_size": [1, 2, 4, 8, 16],
+        }
+    )
+    sweep_generation_per_task: int = 10  # eval-split questions per task for domain accuracy
+    sweep_results_json: str = "experiments/sensitivity.json"
+    sweep_summary_md: str = "experiments/sensitivity.md"
+    sweep_plot: str = "experiments/plots/sensitivity.png"
 
 
 @dataclass

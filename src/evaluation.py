@@ -128,6 +128,24 @@ def score_answers(rows: list[dict], answers: list[str]) -> dict:
     }
 
 
+def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generation_per_task: int) -> dict:
+    """Answer perplexity and domain accuracy of base+adapter alone on `split` (sweeps use "eval",
+    so the test split stays untouched until the final comparison)."""
+    rows = load_split(cfg.data.out_dir, split)
+    if not rows:
+        raise LoralabError(f"{cfg.data.out_dir}/{split}_split.json is empty")
+    device = resolve_device(cfg.model.device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    loaded = load_base_model(cfg.model, device)
+    ensure_chat_template(loaded.tokenizer)
+    model = load_adapter(loaded.model, adapter_dir)
+    gen_rows = generation_subset(rows, generation_per_task)
+    ppl = answer_perplexity(model, loaded.tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
+    answers = generate_answers(model, loaded.tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device,
+                               amp_dtype, desc="generate")
+    return {**ppl, **score_answers(gen_rows, answers), "generation_examples": len(gen_rows)}
+
+
 def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quiet: bool = False) -> dict:
     """Evaluate base and base+adapter on `cfg.eval.split`; write JSON, Markdown report and plots."""
     from .report import write_report

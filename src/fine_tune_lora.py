@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # `python src/fine_tune_lora.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -268,8 +269,18 @@ def resume_fingerprint(cfg: Config) -> dict:
     }
 
 
-def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, quiet: bool = False) -> TrainResult:
-    """Fine-tune and save the adapter. `stop_at_step` simulates an interruption (used by tests)."""
+def train(
+    cfg: Config,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    quiet: bool = False,
+    on_eval: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune and save the adapter. `stop_at_step` simulates an interruption (used by tests).
+
+    `on_eval(step, total_steps, eval_loss)` is called after every intermediate evaluation; the
+    hyperparameter search uses it to prune a bad trial by raising (the exception propagates).
+    """
     from peft import set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -388,6 +399,8 @@ def train(cfg: Config, resume: bool = False, stop_at_step: int | None = None, qu
                 last_eval = mean_answer_loss(model, eval_examples, pad_id, t.batch_size, device, amp_dtype)
                 entry["eval_loss"] = round(last_eval, 5)
             log.write(entry)
+            if on_eval is not None and entry["eval_loss"] is not None:
+                on_eval(step, total_steps, last_eval)
             bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
             bar.update(1)
             if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:

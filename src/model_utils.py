@@ -194,7 +194,8 @@ def _adaptable_leaves(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def find_target_modules(model: torch.nn.Module, spec) -> list[str]:
-    """Module-name suffixes for LoRA. spec: "auto" (attention), "all-linear", or explicit names."""
+    """Module-name suffixes for LoRA. spec: "auto" (attention), "all-linear", or explicit names
+    (a list, or one comma-separated string)."""
     leaves = _adaptable_leaves(model)
     suffixes = {name.rsplit(".", 1)[-1] for name in leaves}
     if spec == "all-linear":
@@ -208,7 +209,8 @@ def find_target_modules(model: torch.nn.Module, spec) -> list[str]:
         raise LoralabError(
             f"no known attention projections in {type(model).__name__}; set lora.target_modules to some of {sorted(suffixes)}"
         )
-    names = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
+    # A comma-separated string ("q_proj,v_proj") lets a search space offer module sets as choices.
+    names = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
     if not names or not all(isinstance(n, str) for n in names):
         raise LoralabError(f"lora.target_modules={spec!r}: expected auto, all-linear, or a list of module names")
     missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in leaves)]

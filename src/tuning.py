@@ -1,119 +1,299 @@
-"""`loralab tune`: grid search over learning rate, batch size and LoRA rank (any config key).
+"""`loralab tune`: hyperparameter search on Optuna, resumable and shared by many workers.
 
-Each trial trains on `tune.trial_examples` examples (the same for every batch size) and is scored by its eval-split answer loss
-(the test split is never looked at). Results are rewritten after every trial, and a trial whose
-parameters are already in the results file is skipped, so a killed search continues where it
-stopped. The best trial's full config is written as YAML that `loralab train --config` accepts.
+Optuna does the search itself: TPE, grid and random samplers, median or Hyperband pruning, and an
+RDB storage that any number of workers on any number of machines share (SQLite on one machine,
+PostgreSQL across machines), with heartbeats that fail a dead worker's trial and re-queue it.
+loralab adds what Optuna cannot know about fine-tuning:
+- every trial trains on the same number of examples (`tune.trial_examples`), so batch size is a
+  fair parameter, and reports its eval loss at the same fractions of that budget, so pruning
+  compares like with like;
+- a trial re-queued after its worker died, or after Ctrl-C, resumes its own checkpoint;
+- a grid is queued once, and trials are taken from the queue atomically (a row lock in the
+  database), so two workers never run the same grid point (Optuna's GridSampler does, by design,
+  once every point has started);
+- the study records its search space and budget: a worker with other settings is refused instead
+  of silently mixing two experiments in one study;
+- results people read: metrics_comparison.json, a Markdown table, plots (tune_report.py), and
+  best_config.yaml that `loralab train --config` accepts unchanged.
+
+The objective is the eval-split answer loss; the test split is never looked at here.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import itertools
 import json
-import math
+import os
+import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import yaml
-
-from . import atomic_io
-from .config import Config, apply_overrides
+from .config import Config
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
-from .fine_tune_lora import train
+from .search_space import Param, grid_points, parse_space
+from .trials import run_trial
+
+SAMPLERS = ("tpe", "grid", "random")
+PRUNERS = ("median", "hyperband", "none")
+RESUME_OF = "loralab_resume_of"  # user attr of a trial re-queued after Ctrl-C: the trial it continues
+SETUP_ATTR = "loralab_setup"  # study user attr: the settings every worker of this study must share
+READY_ATTR = "loralab_ready"  # set once the study's creator has queued its grid
 
 
-def grid_trials(grid: dict[str, list]) -> list[dict[str, object]]:
-    if not grid:
-        raise LoralabError("tune.grid is empty: give at least one section.key with a list of values")
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise LoralabError(f"tune.grid.{key}: expected a non-empty list of values")
-    keys = list(grid)
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+def _optuna():
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # loralab prints one line per trial itself
+    return optuna
 
 
-def _params_key(params: dict[str, object]) -> str:
-    return json.dumps(params, sort_keys=True)
+def masked_url(url: str) -> str:
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
 
 
-def trial_config(cfg: Config, params: dict[str, object], index: int) -> Config:
-    trial = copy.deepcopy(cfg)
-    apply_overrides(trial, [f"{k}={json.dumps(v)}" for k, v in params.items()])  # validates the names too
-    # Named by its parameters, so editing the grid never resumes another trial's checkpoint.
-    digest = hashlib.sha1(_params_key(params).encode()).hexdigest()[:8]
-    run = Path(cfg.tune.runs_dir) / f"trial-{index:03d}-{digest}"
-    steps = max(1, cfg.tune.trial_examples // (trial.train.batch_size * trial.train.gradient_accumulation))
-    trial.train.max_steps = steps
-    trial.train.eval_examples = cfg.tune.trial_eval_examples
-    trial.train.eval_every = max(1, steps // 3)
-    trial.train.save_every = max(1, steps // 3)
-    trial.train.run_dir = str(run / "run")
-    trial.train.output_dir = str(run / "adapter")
-    trial.train.log_file = str(run / "training_logs.txt")
-    trial.train.loss_plot = ""
-    return trial
+def open_storage(tc) -> Any:
+    """Optuna's RDB storage with heartbeats: a trial whose worker stops beating for
+    `grace_seconds` is marked FAIL and re-queued with the same params (up to `max_retries`)."""
+    _optuna()
+    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+
+    url = tc.storage
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"connect_timeout": 5}} if url.startswith("postgresql") else {}
+    if tc.heartbeat_seconds < 1 or tc.grace_seconds <= tc.heartbeat_seconds:
+        raise LoralabError("tune.heartbeat_seconds must be >= 1 and tune.grace_seconds larger than it")
+    try:
+        return RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=tc.heartbeat_seconds,
+            grace_period=tc.grace_seconds,
+            failed_trial_callback=RetryFailedTrialCallback(max_retry=tc.max_retries),
+        )
+    except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LoralabError(f"tune.storage={masked_url(url)}: cannot open it ({reason})") from None
+
+
+def _setup_fingerprint(cfg: Config) -> dict:
+    """What makes two trials comparable. JSON round-trip so YAML ints/floats compare equal."""
+    tc = cfg.tune
+    setup = {"space": tc.space, "sampler": tc.sampler, "trial_examples": tc.trial_examples,
+             "trial_eval_examples": tc.trial_eval_examples, "reports_per_trial": tc.reports_per_trial,
+             "model": cfg.model.name_or_path, "dataset": cfg.data.dataset, "objective": "eval answer loss"}
+    return json.loads(json.dumps(setup, sort_keys=True))
+
+
+def _make_sampler(cfg: Config):
+    optuna = _optuna()
+    tc = cfg.tune
+    if tc.sampler == "tpe":
+        # constant_liar: concurrent workers do not all pick the point that looks best right now.
+        return optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=tc.startup_trials, multivariate=True,
+                                          constant_liar=True)
+    # grid: every trial comes from the queue, so this sampler is never asked for a value.
+    return optuna.samplers.RandomSampler(seed=cfg.train.seed)
+
+
+def _make_pruner(cfg: Config):
+    optuna = _optuna()
+    tc = cfg.tune
+    if tc.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=0)
+    if tc.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=tc.reports_per_trial, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(cfg: Config, params: list[Param], wait_s: float = 60.0):
+    """Create the study or join it; refuse one made with other settings. The creator (the one
+    whose create_study wins in the database) queues the grid before marking the study ready."""
+    optuna = _optuna()
+    tc = cfg.tune
+    storage = open_storage(tc)
+    setup = _setup_fingerprint(cfg)
+    kwargs = dict(study_name=tc.study_name, storage=storage, sampler=_make_sampler(cfg), pruner=_make_pruner(cfg))
+    try:
+        study = optuna.create_study(direction="minimize", **kwargs)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(**kwargs)
+        created = False
+    if created:
+        study.set_user_attr(SETUP_ATTR, setup)
+        if tc.sampler == "grid":
+            for point in grid_points(params):
+                study.enqueue_trial(point)
+        study.set_user_attr(READY_ATTR, True)
+    deadline = time.monotonic() + wait_s
+    while not study.user_attrs.get(READY_ATTR):
+        if time.monotonic() > deadline:
+            raise LoralabError(f"study '{tc.study_name}' in {masked_url(tc.storage)} was never set up (its creator died "
+                               f"while queueing?); delete it or use another tune.study_name")
+        time.sleep(0.5)
+    existing = study.user_attrs.get(SETUP_ATTR)
+    if existing != setup:
+        differ = sorted(k for k in set(setup) | set(existing or {}) if (existing or {}).get(k) != setup.get(k))
+        raise LoralabError(
+            f"study '{tc.study_name}' in {masked_url(tc.storage)} was made with another {', '.join(differ)}; "
+            f"use another tune.study_name (or the same settings) -- the study was not changed"
+        )
+    return study
+
+
+def _finished_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+class Objective:
+    """One Optuna trial: suggest params, train with pruning on intermediate eval loss, record cost."""
+
+    def __init__(self, cfg: Config, params: list[Param]):
+        self.cfg = cfg
+        self.params = params
+        self.started = time.monotonic()
+
+    def _suggest(self, trial) -> dict[str, Any]:
+        values = {}
+        for p in self.params:
+            if p.choices is not None:
+                values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+            elif p.is_int:
+                values[p.name] = trial.suggest_int(p.name, p.low, p.high, log=p.log)
+            else:
+                values[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), log=p.log)
+        return values
+
+    def __call__(self, trial) -> float:
+        optuna = _optuna()
+        from optuna.storages import RetryFailedTrialCallback
+
+        tc = self.cfg.tune
+        # A live Trial does not expose system attrs in Optuna 5; its stored (frozen) copy does.
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if tc.sampler == "grid" and "fixed_params" not in frozen.system_attrs:
+            # Another worker emptied the queue between our look and our ask: nothing to run.
+            trial.set_user_attr("skipped", "grid queue was empty")
+            raise optuna.TrialPruned("grid queue was empty")
+        values = self._suggest(trial)
+        origin = frozen.user_attrs.get(RESUME_OF, RetryFailedTrialCallback.retried_trial_number(frozen))
+        run_root = Path(tc.runs_dir) / tc.study_name / f"trial-{origin if origin is not None else trial.number:04d}"
+        reported: set[int] = set()
+
+        def on_eval(step: int, total_steps: int, loss: float) -> None:
+            # Keyed by the fraction of the budget (1..reports), not the step, so trials with
+            # different batch sizes (and so step counts) are compared at equal data.
+            key = max(1, round(tc.reports_per_trial * step / total_steps))
+            if key in reported:
+                return
+            reported.add(key)
+            trial.report(loss, key)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at", f"{key}/{tc.reports_per_trial} of the budget")
+                raise optuna.TrialPruned(f"eval loss {loss:.4f} at {key}/{tc.reports_per_trial} of the budget")
+
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine ran what
+        print(f"trial {trial.number}: {values}" + (f" (continues trial {origin})" if origin is not None else ""), flush=True)
+        try:
+            record, _ = run_trial(self.cfg, values, run_root, tc.reports_per_trial, resume=origin is not None, on_eval=on_eval)
+        except KeyboardInterrupt:
+            # Re-queue the same params so the next `loralab tune` resumes this trial's checkpoint.
+            trial.study.enqueue_trial(values, user_attrs={RESUME_OF: origin if origin is not None else trial.number})
+            raise
+        for key, value in record.items():
+            if key != "params":
+                trial.set_user_attr(key, value)
+        return record["eval_loss"]
+
+
+def _log_trial(cfg: Config):
+    def callback(study, frozen) -> None:
+        try:
+            best = f"best {study.best_value:.4f} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        value = f"eval loss {frozen.value:.4f}" if frozen.value is not None else frozen.state.name.lower()
+        if frozen.state.name == "PRUNED":
+            value = f"pruned at {frozen.user_attrs.get('pruned_at', '?')}"
+        wall = frozen.duration.total_seconds() if frozen.duration else 0.0
+        print(f"trial {frozen.number} {value} in {wall:.0f} s; {best}; {_finished_count(study)}/{cfg.tune.n_trials} trials",
+              flush=True)
+
+    return callback
+
+
+def _work_grid(study, objective: Objective, cfg: Config, deadline: float | None) -> None:
+    """Take grid points from the queue until none is waiting or running. Waiting on a RUNNING
+    trial matters: if its worker died, it is re-queued after the grace period and run here."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    while deadline is None or time.monotonic() < deadline:
+        fail_stale_trials(study)
+        states = {t.state for t in study.get_trials(deepcopy=False)}
+        if TrialState.WAITING in states:
+            study.optimize(objective, n_trials=1, callbacks=[_log_trial(cfg)], gc_after_trial=True)
+        elif TrialState.RUNNING in states:
+            time.sleep(min(cfg.tune.heartbeat_seconds, 5))
+        else:
+            return
+
+
+def _work_sampled(study, objective: Objective, cfg: Config, deadline: float | None) -> None:
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    if _finished_count(study) >= cfg.tune.n_trials:
+        return
+    timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
+    stop = MaxTrialsCallback(cfg.tune.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    study.optimize(objective, timeout=timeout, callbacks=[_log_trial(cfg), stop], gc_after_trial=True)
+
+
+def validate(cfg: Config) -> list[Param]:
+    tc = cfg.tune
+    if tc.sampler not in SAMPLERS:
+        raise LoralabError(f"tune.sampler={tc.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if tc.pruner not in PRUNERS:
+        raise LoralabError(f"tune.pruner={tc.pruner!r}: expected one of {', '.join(PRUNERS)}")
+    if tc.n_trials < 1 or tc.timeout_minutes < 0 or tc.reports_per_trial < 1 or tc.trial_examples < 1:
+        raise LoralabError("tune.n_trials, tune.reports_per_trial and tune.trial_examples must be >= 1, tune.timeout_minutes >= 0")
+    if tc.trial_eval_examples < 0:
+        raise LoralabError("tune.trial_eval_examples must be >= 0 (0 means the whole eval split)")
+    params = parse_space(tc.space, cfg)
+    if tc.sampler == "grid":
+        grid_points(params)
+    return params
 
 
 def tune(cfg: Config) -> dict:
-    trials = grid_trials(cfg.tune.grid)
-    configs = [trial_config(cfg, params, i) for i, params in enumerate(trials)]  # all validated up front
+    """Run this worker's share of the study, then write the results of the whole study."""
+    from .tune_report import write_results
+
+    params = validate(cfg)
     card = prepare_dataset(cfg.data)
-    if cfg.tune.trial_eval_examples < 0:
-        raise LoralabError("tune.trial_eval_examples must be >= 0 (0 means the whole eval split)")
     if not card["splits"]["eval"]:
         raise LoralabError("tuning scores trials on the eval split, which is empty: raise data.eval_fraction")
-    results_path = Path(cfg.tune.results_json)
-    previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    done = {_params_key(t["params"]): t for t in previous.get("trials", []) if t.get("trial_examples") == cfg.tune.trial_examples}
-    records = []
-    for index, (params, trial_cfg) in enumerate(zip(trials, configs)):
-        if _params_key(params) in done:
-            records.append(done[_params_key(params)])
-            continue
-        print(f"trial {index + 1}/{len(trials)}: {params}", flush=True)
-        started = time.perf_counter()
-        result = train(trial_cfg, resume=True)
-        if result.interrupted:
-            raise KeyboardInterrupt
-        if result.final_eval_loss is None:
-            raise LoralabError(f"trial {params}: no eval example fits in train.max_length; raise it")
-        args = json.loads((Path(trial_cfg.train.output_dir) / "training_args.json").read_text())
-        records.append({
-            "trial": index,
-            "params": params,
-            "trial_examples": cfg.tune.trial_examples,
-            "steps": trial_cfg.train.max_steps,
-            "eval_loss": result.final_eval_loss,
-            "eval_perplexity": math.exp(result.final_eval_loss),
-            "final_train_loss": result.final_train_loss,
-            "trainable_parameters": args["trainable_parameters"],
-            "wall_seconds": round(time.perf_counter() - started, 1),
-            "mean_tokens_per_s": args["mean_tokens_per_s"],
-            "peak_rss_mb": args["peak_rss_mb"],
-        })
-        _write(cfg, records, configs, trials)
-    return _write(cfg, records, configs, trials)
-
-
-def _write(cfg: Config, records: list[dict], configs: list[Config], trials: list[dict]) -> dict:
-    best = min(records, key=lambda r: r["eval_loss"])
-    summary = {
-        "method": "grid search",
-        "objective": "eval-split answer loss after tune.trial_examples training examples (lower is better)",
-        "grid": cfg.tune.grid,
-        "trial_examples": cfg.tune.trial_examples,
-        "trials": records,
-        "best": best,
-        "complete": len(records) == len(trials),
-    }
-    atomic_io.write_json(cfg.tune.results_json, summary)
-    best_cfg = copy.deepcopy(cfg)
-    apply_overrides(best_cfg, [f"{k}={json.dumps(v)}" for k, v in best["params"].items()])
-    atomic_io.write_text(cfg.tune.best_config_yaml, "# best grid-search trial (loralab tune)\n" + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    study = open_study(cfg, params)
+    objective = Objective(cfg, params)
+    deadline = time.monotonic() + 60 * cfg.tune.timeout_minutes if cfg.tune.timeout_minutes > 0 else None
+    try:
+        if cfg.tune.sampler == "grid":
+            _work_grid(study, objective, cfg, deadline)
+        else:
+            _work_sampled(study, objective, cfg, deadline)
+    finally:
+        summary = write_results(study, cfg)  # also after Ctrl-C: what finished is on disk
     return summary
 
 

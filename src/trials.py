@@ -1,0 +1,63 @@
+"""One budgeted training run with its cost measured: the unit of work of `tune` and `sweep`."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import Config
+from .errors import LoralabError
+from .fine_tune_lora import train
+from .resource_usage import PeakRss
+from .search_space import trial_config
+
+
+def adapter_megabytes(adapter_dir: str | Path) -> float:
+    files = list(Path(adapter_dir).glob("adapter_model.safetensors"))
+    return round(sum(f.stat().st_size for f in files) / 2**20, 3)
+
+
+def run_trial(
+    cfg: Config,
+    params: dict[str, Any],
+    run_root: Path,
+    reports: int,
+    resume: bool,
+    on_eval: Callable[[int, int, float], None] | None = None,
+) -> tuple[dict, Config]:
+    """Train one trial under `run_root`; return its record (params, eval loss, cost) and its config.
+
+    `resume=False` clears `run_root` first: a trial number or digest reused by a new study must
+    never continue a stale checkpoint. KeyboardInterrupt propagates after the checkpoint is saved.
+    """
+    trial_cfg = trial_config(cfg, params, run_root, reports)
+    if not resume and run_root.exists():
+        shutil.rmtree(run_root)
+    started = time.perf_counter()
+    with PeakRss() as rss:
+        result = train(trial_cfg, resume=resume, quiet=True, on_eval=on_eval)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    if result.final_eval_loss is None:
+        raise LoralabError("no eval example fits in train.max_length; raise it (or give the eval split more rows)")
+    args = json.loads((Path(trial_cfg.train.output_dir) / "training_args.json").read_text())
+    record = {
+        "params": params,
+        "lora_alpha": trial_cfg.lora.alpha,
+        "trial_examples": cfg.tune.trial_examples,
+        "steps": trial_cfg.train.max_steps,
+        "eval_loss": result.final_eval_loss,
+        "eval_perplexity": math.exp(result.final_eval_loss),
+        "final_train_loss": result.final_train_loss,
+        "trainable_parameters": args["trainable_parameters"],
+        "adapter_mb": adapter_megabytes(trial_cfg.train.output_dir),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "tokens_per_s": args["mean_tokens_per_s"],
+        "peak_rss_mb": round(rss.peak_mb, 1),
+        "run_dir": str(run_root),
+    }
+    return record, trial_cfg
