@@ -97,7 +97,7 @@ def _quiet_library_noise() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
-    warnings.filterwarnings("ignore", message=".*is experimental.*")  # Optuna's heartbeat and retry APIs
+    warnings.filterwarnings("ignore", message=".*experimental.*")  # Optuna's heartbeat and retry APIs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ COST_KEYS = ("eval_perplexity", "final_train_loss", "lora_alpha", "steps", "trai
 
 
 def trial_record(frozen) -> dict:
-    from optuna.storages import RetryFailedTrialCallback
+    from .tuning import continued_trial
 
     record = {
         "number": frozen.number,
@@ -34,7 +34,7 @@ def trial_record(frozen) -> dict:
         "intermediate_eval_loss": {str(k): v for k, v in sorted(frozen.intermediate_values.items())},
         "duration_s": round(frozen.duration.total_seconds(), 1) if frozen.duration else None,
     }
-    origin = frozen.user_attrs.get("loralab_resume_of", RetryFailedTrialCallback.retried_trial_number(frozen))
+    origin = continued_trial(frozen)
     if origin is not None:
         record["continues_trial"] = origin
     return record
@@ -156,11 +156,10 @@ def _plots(study, cfg: Config) -> list[str]:
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
             continue
         fig = np.ravel(axes)[0].figure
-        if name == "slices":
-            fig.set_size_inches(4.5 * len(slices), 4)
-        else:
-            fig.set_size_inches(7, 4.5)
-        fig.tight_layout()
+        fig.set_size_inches(4.5 * len(slices), 4) if name == "slices" else fig.set_size_inches(7, 4.5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # colorbar axes and tight_layout: harmless
+            fig.tight_layout()
         path = Path(cfg.tune.plots_dir) / f"{name}.png"
         atomic_io.save_figure(fig, path)
         plt.close(fig)

@@ -62,7 +62,7 @@ def open_storage(tc) -> Any:
     """Optuna's RDB storage with heartbeats: a trial whose worker stops beating for
     `grace_seconds` is marked FAIL and re-queued with the same params (up to `max_retries`)."""
     _optuna()
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = tc.storage
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
@@ -76,7 +76,7 @@ def open_storage(tc) -> Any:
             engine_kwargs=engine_kwargs,
             heartbeat_interval=tc.heartbeat_seconds,
             grace_period=tc.grace_seconds,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=tc.max_retries),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tc.max_retries),
         )
     except Exception as exc:  # SQLAlchemy, the DB driver and Optuna each raise their own types
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -149,6 +149,13 @@ def open_study(cfg: Config, params: list[Param], wait_s: float = 60.0):
     return study
 
 
+def continued_trial(frozen) -> int | None:
+    """The trial whose checkpoint this one continues: re-queued after Ctrl-C, or after its worker died."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    return frozen.user_attrs.get(RESUME_OF, RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen))
+
+
 def _finished_count(study) -> int:
     from optuna.trial import TrialState
 
@@ -176,8 +183,6 @@ class Objective:
 
     def __call__(self, trial) -> float:
         optuna = _optuna()
-        from optuna.storages import RetryFailedTrialCallback
-
         tc = self.cfg.tune
         # A live Trial does not expose system attrs in Optuna 5; its stored (frozen) copy does.
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
@@ -186,7 +191,7 @@ class Objective:
             trial.set_user_attr("skipped", "grid queue was empty")
             raise optuna.TrialPruned("grid queue was empty")
         values = self._suggest(trial)
-        origin = frozen.user_attrs.get(RESUME_OF, RetryFailedTrialCallback.retried_trial_number(frozen))
+        origin = continued_trial(frozen)
         run_root = Path(tc.runs_dir) / tc.study_name / f"trial-{origin if origin is not None else trial.number:04d}"
         reported: set[int] = set()
 
