@@ -8,6 +8,10 @@
                                                 # Optuna search; experiments/metrics_comparison.json
     loralab sweep    [--quick]                  # one factor at a time; experiments/sensitivity.json
     loralab merge    [--adapter DIR] [--out DIR] # base + adapter as one plain HF model directory
+    loralab export   [--adapter DIR] [--formats merged,gguf-q8_0,...] [--no-evaluate]
+                                                # merged / GGUF / int8, verified; experiments/export_report.md
+    loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--host H] [--port P]
+                                                # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab config                              # print the resolved config as YAML
 
 Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
@@ -70,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("sweep", parents=[common], help="sensitivity: one factor at a time around the config (tune.sweep)")
 
+    export = verbs.add_parser("export", parents=[common], help="merged safetensors, GGUF (F16/Q8_0/Q4_0) and int8, each verified")
+    export.add_argument("--adapter", help="adapter directory (default: train.output_dir)")
+    export.add_argument("--formats", help="comma-separated: merged,gguf-f16,gguf-q8_0,gguf-q4_0,int8 (default: all)")
+    export.add_argument("--out", help="output directory (default: export.out_dir)")
+    export.add_argument("--no-evaluate", action="store_true", help="verify only; skip the test-split measurements")
+
+    serve = verbs.add_parser("serve", parents=[common], help="OpenAI-compatible server: base + LoRA adapters, batched")
+    serve.add_argument("--adapter", dest="adapters", action="append", metavar="NAME=DIR",
+                       help="serve an adapter under model id NAME (repeatable; replaces serve.adapters)")
+    serve.add_argument("--merged", help="serve a merged model directory instead of base + adapters")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int)
+
     verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     return parser
 
@@ -84,6 +101,20 @@ def resolve_config(args: argparse.Namespace) -> Config:
             setattr(cfg.data, attr, value)
     if getattr(args, "skip_invalid", False):
         cfg.data.skip_invalid = True
+    if args.verb == "serve":
+        if args.adapters:
+            pairs = [a.split("=", 1) for a in args.adapters]
+            if any(len(p) != 2 or not p[0] or not p[1] for p in pairs):
+                raise LoralabError("--adapter expects NAME=DIR, e.g. --adapter medical=lora")
+            cfg.serve.adapters = dict(pairs)
+        for attr, value in (("merged_model", args.merged), ("host", args.host), ("port", args.port)):
+            if value is not None:
+                setattr(cfg.serve, attr, value)
+    if args.verb == "export":
+        if args.out:
+            cfg.export.out_dir = args.out
+        if args.no_evaluate:
+            cfg.export.evaluate = False
     for attr in ("storage", "study_name", "sampler", "n_trials", "timeout_minutes"):
         value = getattr(args, attr, None)
         if value is not None:
@@ -143,6 +174,17 @@ def main(argv: list[str] | None = None) -> int:
             summary = sweep(cfg)
             print(f"{len(summary['points'])} points; wrote {cfg.tune.sweep_results_json}, {cfg.tune.sweep_summary_md} "
                   f"and {cfg.tune.sweep_plot}")
+        elif args.verb == "export":
+            from .export import export
+
+            formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
+            results = export(cfg, adapter_dir=args.adapter, formats=formats)
+            print(f"wrote {', '.join(e['path'] for e in results['formats'].values())}"
+                  + (f"; report {cfg.export.report_md}" if cfg.export.evaluate else ""))
+        elif args.verb == "serve":
+            from .server import serve
+
+            serve(cfg)
         elif args.verb == "run":
             from .pipeline import run_all
 

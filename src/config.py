@@ -151,6 +151,36 @@ class TuneConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    # Model ids a request may name, each a LoRA adapter directory (safetensors only), loaded once at
+    # start; the base model is served under its own id. Requests can never load other paths.
+    adapters: dict[str, str] = field(default_factory=lambda: {"medical": "lora"})
+    merged_model: str = ""  # a merged HF directory (loralab export) to serve instead of base + adapters
+    int8: bool = False  # dynamic int8 quantization of the Linear layers (merged model only)
+    api_key_env: str = "LORALAB_API_KEY"  # when this variable is set, every /v1 request needs the key
+    max_prompt_tokens: int = 1024  # longer prompts: 413
+    max_tokens_limit: int = 512  # max_tokens above this: 400
+    default_max_tokens: int = 128
+    max_batch: int = 16  # requests decoded together in one forward pass
+    max_queue: int = 64  # waiting requests beyond this: 429, never an unbounded backlog
+    request_timeout_s: float = 120.0  # 504 when a request has not finished by then
+    max_body_bytes: int = 1_000_000
+
+
+@dataclass
+class ExportConfig:
+    out_dir: str = "models/fine_tuned_model"  # merged/, gguf files, export_report.json under here
+    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "int8"])
+    evaluate: bool = True  # measure every format on the test split (perplexity, accuracy, speed)
+    generation_per_task: int = 10
+    speed_tokens: int = 64  # greedy tokens at batch 1 for the tokens/s column
+    report_md: str = "experiments/export_report.md"
+    report_json: str = "experiments/export_report.json"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +188,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,7 +263,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             raise LoralabError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
         section, key = parts
         if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"--set {item!r}: unknown section '{section}' (data, model, lora, train, eval, tune)")
+            raise LoralabError(f"--set {item!r}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -250,10 +282,10 @@ def _apply_file(config: Config, path: Path) -> None:
         line = f":{mark.line + 1}" if mark is not None else ""
         raise LoralabError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
-        raise LoralabError(f"{path}: expected a mapping of sections (data, model, lora, train, eval, tune)")
+        raise LoralabError(f"{path}: expected a mapping of sections (data, model, lora, train, eval, tune, serve, export)")
     for section, values in raw.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"{path}: unknown section '{section}' (data, model, lora, train, eval, tune)")
+            raise LoralabError(f"{path}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export)")
         if not isinstance(values, dict):
             raise LoralabError(f"{path}: section '{section}' must be a mapping")
         _apply(getattr(config, section), values, f"{path}: {section}")
