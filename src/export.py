@@ -60,6 +60,9 @@ def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor) -> dict:
+    if reference.shape != candidate.shape:  # e.g. a tokenizer that splits the prompts differently
+        return {"mean_kl": float("inf"), "max_abs_logprob_diff": float("inf"), "top1_agreement": 0.0,
+                "error": f"shape {tuple(candidate.shape)} != reference {tuple(reference.shape)} (tokenizer differs?)"}
     kl = (reference.exp() * (reference - candidate)).sum(-1)
     return {"mean_kl": float(kl.mean()), "max_abs_logprob_diff": float((reference - candidate).abs().max()),
             "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).float().mean())}
@@ -134,10 +137,10 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
     print(f"merging {adapter_dir} into the base model -> {merged_dir}/", flush=True)
     merge_to_directory(cfg.model, adapter_dir, merged_dir)
     loaded = load_base_model(cfg.model, torch.device("cpu"))
-    ensure_chat_template(loaded.tokenizer)
-    peft_model = load_adapter(loaded.model, adapter_dir).eval()
-    reference = next_token_logprobs(peft_model, loaded.tokenizer, VERIFY_PROMPTS)
-    del peft_model
+    tokenizer, base_name, base_dir = loaded.tokenizer, loaded.base_name, loaded.local_dir
+    ensure_chat_template(tokenizer)
+    reference = next_token_logprobs(load_adapter(loaded.model, adapter_dir).eval(), tokenizer, VERIFY_PROMPTS)
+    del loaded  # base + LoRA is no longer needed: keep one model in memory at a time
     artifacts: dict[str, Path] = {"merged": merged_dir, "int8": merged_dir}
 
     from transformers import AutoModelForCausalLM
@@ -149,9 +152,10 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
             qtype = fmt.split("-", 1)[1]
             path = out / f"{name}.{qtype.upper()}.gguf"
             print(f"writing {path}", flush=True)
-            artifacts[fmt] = write_gguf(merged, loaded.tokenizer, path, qtype, name, _source_pre_tokenizer(loaded.local_dir))
+            artifacts[fmt] = write_gguf(merged, tokenizer, path, qtype, name, _source_pre_tokenizer(base_dir))
+    del merged
 
-    results: dict = {"adapter": str(adapter_dir), "base_model": loaded.base_name, "formats": {}}
+    results: dict = {"adapter": str(adapter_dir), "base_model": base_name, "formats": {}}
     rows = None
     if cfg.export.evaluate:
         from .data_preparation import load_split

@@ -78,6 +78,12 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str, name: str, pre_to
     if getattr(config, "model_type", "") != "llama":
         raise LoralabError(f"GGUF export supports the llama architecture; this model is {config.model_type!r} "
                            f"(export the merged safetensors directory and convert it with llama.cpp's converter)")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}  # v5 name, v4 name
+    if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+        raise LoralabError("GGUF export does not write RoPE scaling yet; this model uses it (export the merged directory)")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise LoralabError("GGUF export needs head_dim x heads == hidden_size; this model differs (export the merged directory)")
     if qtype not in QUANT_TYPES:
         raise LoralabError(f"GGUF type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
     G = gguf.GGMLQuantizationType
@@ -90,7 +96,21 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str, name: str, pre_to
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(staging), "llama")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    try:
+        _write(writer, model, tokenizer, name, pre_tokenizer, linear_type, embed_type, file_type, head_dim)
+    except BaseException:
+        writer.close()
+        staging.unlink(missing_ok=True)
+        raise
+    os.replace(staging, path)  # a killed export never leaves half a GGUF under the final name
+    return path
+
+
+def _write(writer, model, tokenizer, name: str, pre_tokenizer: str, linear_type, embed_type, file_type, head_dim: int) -> None:
+    import gguf
+
+    G = gguf.GGMLQuantizationType
+    config = model.config
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -134,8 +154,6 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str, name: str, pre_to
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    os.replace(staging, path)  # a killed export never leaves half a GGUF under the final name
-    return path
 
 
 def load_gguf(path: str | Path):

@@ -35,6 +35,7 @@ class Request:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens (as vLLM's extension of the API)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -55,7 +56,7 @@ class _Row:
                                                            int(time.time_ns()) & 0x7FFFFFFF)
 
     def push(self, token: int, eos_ids: set[int]) -> None:
-        if token in eos_ids:
+        if token in eos_ids and not self.request.ignore_eos:
             self.finish = "stop"
         else:
             self.ids.append(token)
@@ -83,13 +84,14 @@ def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     tokens = []
     for i, row in enumerate(rows):
         r = row.request
-        if r.temperature <= 0:
+        if r.temperature < 1e-4:  # below this, sampling is greedy in all but overflow
             tokens.append(greedy[i])
             continue
         probs = torch.softmax(logits[i].float() / r.temperature, dim=-1)
         if r.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(0) - sorted_probs < r.top_p
+            keep[0] = True  # top_p=0 keeps the most likely token instead of nothing
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         tokens.append(int(torch.multinomial(probs, 1, generator=row.generator)))
     return tokens
@@ -149,7 +151,14 @@ class Engine:
                 self.run_batch(batch)
             except Exception as exc:  # one bad batch must not kill the server: fail its requests
                 for r in batch:
-                    r.emit({"error": f"{type(exc).__name__}: {exc}"})
+                    try:
+                        r.emit({"error": f"{type(exc).__name__}: {exc}"})
+                    except Exception:  # the client's event loop is gone (shutdown): nothing to tell
+                        pass
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     @torch.no_grad()
     def run_batch(self, batch: list[Request]) -> None:

@@ -28,6 +28,9 @@ from .errors import LoralabError
 from .inference_engine import Engine, QueueFull, Request
 
 
+ROLES = ("system", "user", "assistant")
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
@@ -57,6 +60,8 @@ def load_served(cfg: Config) -> Served:
 
     s = cfg.serve
     device = resolve_device(cfg.model.device)
+    if s.int8 and device.type != "cpu":
+        raise LoralabError("serve.int8 is PyTorch dynamic quantization, which runs on the CPU only: set model.device=cpu")
     if s.merged_model:
         model_cfg = type(cfg.model)(**{**cfg.model.__dict__, "name_or_path": s.merged_model})
         loaded = load_base_model(model_cfg, device)
@@ -111,9 +116,17 @@ def _prepare(served: Served, body: dict, chat: bool) -> tuple[Request, str]:
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {role, content} strings", code="invalid_messages")
-        prompt_ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+                isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in messages):
+            raise ApiError(400, "'messages' must be a non-empty list of {role: system|user|assistant, content: string}",
+                           code="invalid_messages")
+        controls = [t for t in served.tokenizer.all_special_tokens if any(t in m["content"] for m in messages)]
+        if controls:  # otherwise a client could forge turns, e.g. a system prompt, inside its content
+            raise ApiError(400, f"message content may not contain control tokens ({', '.join(controls)})", code="invalid_messages")
+        try:
+            prompt_ids = served.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)
+        except Exception as exc:  # the template's own rules (e.g. role order)
+            raise ApiError(400, f"the chat template rejected these messages: {exc}", code="invalid_messages") from None
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -137,6 +150,7 @@ def _prepare(served: Served, body: dict, chat: bool) -> tuple[Request, str]:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
         stop=stop,
         seed=_number(body, "seed", None, 0, 2**31 - 1, integer=True),
+        ignore_eos=body.get("ignore_eos") is True,
         emit=lambda event: None,
     )
     return request, model
@@ -160,9 +174,17 @@ def create_app(served: Served):
                            code="invalid_api_key")
 
     async def read_json(http: HttpRequest) -> dict:
-        raw = await http.body()
-        if len(raw) > s.max_body_bytes:
-            raise ApiError(413, f"request body over {s.max_body_bytes} bytes", code="body_too_large")
+        too_large = ApiError(413, f"request body over {s.max_body_bytes} bytes", code="body_too_large")
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > s.max_body_bytes:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in http.stream():  # capped while reading: a lying or absent length cannot exhaust memory
+            size += len(chunk)
+            if size > s.max_body_bytes:
+                raise too_large
+            chunks.append(chunk)
+        raw = b"".join(chunks)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -173,7 +195,10 @@ def create_app(served: Served):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queued": served.engine.queue.qsize(), "max_queue": s.max_queue, **served.engine.stats}
+        alive = served.engine.alive
+        body = {"status": "ok" if alive else "engine stopped", "queued": served.engine.queue.qsize(), "max_queue": s.max_queue,
+                **served.engine.stats}
+        return body if alive else JSONResponse(body, status_code=503)
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -268,9 +293,10 @@ def create_app(served: Served):
                 if "finish" in event:
                     break
         except asyncio.TimeoutError:
-            request.cancelled.set()
             _log(**log, status=504, model=model, error="timeout")
             return error_response(ApiError(504, f"no answer within {s.request_timeout_s} s", kind="timeout", code="timeout"))
+        finally:
+            request.cancelled.set()  # finished, timed out, or the client went away: stop spending compute on it
         text = "".join(parts)
         _log(**log, status=200, model=model, finish=event["finish"], prompt_tokens=len(request.prompt_ids),
              completion_tokens=event["completion_tokens"], ms=round(1000 * (time.perf_counter() - started)))

@@ -69,8 +69,11 @@ def _plot(records: list[dict], path: Path) -> None:
               ("tokens_per_s", "training tokens/s"), ("peak_rss_mb", "peak RSS (MB)")]
     fig, axes = plt.subplots(len(factors), len(panels), figsize=(4 * len(panels), 3 * len(factors)), squeeze=False)
     for row, factor in enumerate(factors):
-        points = sorted((r for r in records if r["factor"] == factor), key=lambda r: r["resolved"])
-        xs = [r["resolved"] for r in points]
+        points = [r for r in records if r["factor"] == factor]
+        numeric = all(isinstance(r["resolved"], (int, float)) and not isinstance(r["resolved"], bool) for r in points)
+        if numeric:
+            points.sort(key=lambda r: r["resolved"])
+        xs = [r["resolved"] if numeric else str(r["resolved"]) for r in points]  # categories: one tick each
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
             ys = [r[key] for r in points]
@@ -78,7 +81,7 @@ def _plot(records: list[dict], path: Path) -> None:
                 ax.errorbar(xs, ys, yerr=[r["domain_accuracy_se"] for r in points], marker="o", capsize=3)
             else:
                 ax.plot(xs, ys, marker="o")
-            if all(x > 0 for x in xs) and max(xs) / min(xs) >= 8:
+            if numeric and all(x > 0 for x in xs) and max(xs) / min(xs) >= 8:
                 ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs) else 10)
             ax.set_xlabel(factor)
             ax.set_title(label, fontsize=9)
@@ -101,7 +104,8 @@ def _markdown(summary: dict, plot_path: str, md_path: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["points"]:
-        lines.append(f"| `{r['factor']}` | {r['resolved']:g} | {r['eval_perplexity']:.3f} | {r['domain_accuracy']:.1f} ± "
+        value = f"{r['resolved']:g}" if isinstance(r["resolved"], (int, float)) else str(r["resolved"])
+        lines.append(f"| `{r['factor']}` | {value} | {r['eval_perplexity']:.3f} | {r['domain_accuracy']:.1f} ± "
                      f"{r['domain_accuracy_se']:.1f} | {r['trainable_parameters']:,} | {r['adapter_mb']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['wall_seconds']:.0f} |")
     rel = os.path.relpath(Path(plot_path).resolve(), Path(md_path).resolve().parent)
@@ -119,7 +123,9 @@ def sweep(cfg: Config) -> dict:
         raise LoralabError("the sweep measures on the eval split, which is empty: raise data.eval_fraction")
     results_path = Path(tc.sweep_results_json)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    done = {r["digest"]: r for r in previous.get("points", [])}
+    # Reused only when measured the same way (same generation subset size and length).
+    measured_as = {"generation_per_task": tc.sweep_generation_per_task, "max_new_tokens": cfg.eval.max_new_tokens}
+    done = {r["digest"]: r for r in previous.get("points", []) if r.get("measured_as") == measured_as}
     center = {name: _current(cfg, name) for name in tc.sweep}
     records: list[dict] = []
     measured: dict[str, dict] = {}
@@ -139,6 +145,7 @@ def sweep(cfg: Config) -> dict:
             "domain_accuracy_se": quality["domain_accuracy_se"],
             "per_task_primary": {task: v["primary"] for task, v in quality["per_task"].items()},
             "point_wall_seconds": round(time.perf_counter() - started, 1),
+            "measured_as": measured_as,
         })
         measured[digest] = record
         records.append({**record, **point})
@@ -152,11 +159,9 @@ def _write(cfg: Config, center: dict, records: list[dict], complete: bool) -> di
     tc = cfg.tune
     summary = {"center": center, "trial_examples": tc.trial_examples, "generation_per_task": tc.sweep_generation_per_task,
                "split": "eval", "complete": complete, "points": records}
+    atomic_io.write_json(tc.sweep_results_json, summary)  # first: the measurements must survive a plotting error
     _plot(records, Path(tc.sweep_plot))
-    atomic_io.write_files({
-        Path(tc.sweep_results_json): json.dumps(summary, indent=2).encode(),
-        Path(tc.sweep_summary_md): _markdown(summary, tc.sweep_plot, tc.sweep_summary_md).encode(),
-    })
+    atomic_io.write_text(tc.sweep_summary_md, _markdown(summary, tc.sweep_plot, tc.sweep_summary_md))
     return summary
 
 

@@ -22,12 +22,16 @@ The objective is the eval-split answer loss; the test split is never looked at h
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .config import Config
 from .data_preparation import prepare_dataset
@@ -83,13 +87,24 @@ def open_storage(tc) -> Any:
         raise LoralabError(f"tune.storage={masked_url(url)}: cannot open it ({reason})") from None
 
 
+# Settings that do not change what a trial measures: where files go, which device runs it.
+_NOT_MEASURED = {"data": {"out_dir"}, "model": {"cache_dir", "device"},
+                 "train": {"run_dir", "output_dir", "log_file", "loss_plot", "eval_every", "save_every", "keep_checkpoints"}}
+
+
 def _setup_fingerprint(cfg: Config) -> dict:
-    """What makes two trials comparable. JSON round-trip so YAML ints/floats compare equal."""
+    """Everything that makes two trials comparable: the search, its budget, and every setting that
+    is not searched (a worker with another max_length or dataset would measure something else).
+    JSON round-trip so YAML ints and floats compare equal."""
     tc = cfg.tune
+    searched = set(tc.space)
     setup = {"space": tc.space, "sampler": tc.sampler, "trial_examples": tc.trial_examples,
-             "trial_eval_examples": tc.trial_eval_examples, "reports_per_trial": tc.reports_per_trial,
-             "model": cfg.model.name_or_path, "dataset": cfg.data.dataset, "objective": "eval answer loss"}
-    return json.loads(json.dumps(setup, sort_keys=True))
+             "trial_eval_examples": tc.trial_eval_examples, "reports_per_trial": tc.reports_per_trial}
+    for section in ("data", "model", "lora", "train"):
+        values = cfg.to_dict()[section]
+        setup[section] = {k: v for k, v in values.items()
+                          if k not in _NOT_MEASURED.get(section, set()) and f"{section}.{k}" not in searched}
+    return json.loads(json.dumps(setup, sort_keys=True, default=str))
 
 
 def _make_sampler(cfg: Config):
@@ -97,10 +112,11 @@ def _make_sampler(cfg: Config):
     tc = cfg.tune
     if tc.sampler == "tpe":
         # constant_liar: concurrent workers do not all pick the point that looks best right now.
-        return optuna.samplers.TPESampler(seed=cfg.train.seed, n_startup_trials=tc.startup_trials, multivariate=True,
-                                          constant_liar=True)
+        # Unseeded: a fixed seed would make every worker (and every restart) draw the same
+        # random startup trials; the study's storage, not the seed, makes a search reproducible.
+        return optuna.samplers.TPESampler(n_startup_trials=tc.startup_trials, multivariate=True, constant_liar=True)
     # grid: every trial comes from the queue, so this sampler is never asked for a value.
-    return optuna.samplers.RandomSampler(seed=cfg.train.seed)
+    return optuna.samplers.RandomSampler()
 
 
 def _make_pruner(cfg: Config):
@@ -198,12 +214,12 @@ class Objective:
         def on_eval(step: int, total_steps: int, loss: float) -> None:
             # Keyed by the fraction of the budget (1..reports), not the step, so trials with
             # different batch sizes (and so step counts) are compared at equal data.
-            key = max(1, round(tc.reports_per_trial * step / total_steps))
+            key = min(tc.reports_per_trial, math.ceil(tc.reports_per_trial * step / total_steps - 1e-9))
             if key in reported:
                 return
             reported.add(key)
             trial.report(loss, key)
-            if trial.should_prune():
+            if step < total_steps and trial.should_prune():  # a finished trial is complete, not pruned
                 trial.set_user_attr("pruned_at", f"{key}/{tc.reports_per_trial} of the budget")
                 raise optuna.TrialPruned(f"eval loss {loss:.4f} at {key}/{tc.reports_per_trial} of the budget")
 
@@ -211,6 +227,9 @@ class Objective:
         print(f"trial {trial.number}: {values}" + (f" (continues trial {origin})" if origin is not None else ""), flush=True)
         try:
             record, _ = run_trial(self.cfg, values, run_root, tc.reports_per_trial, resume=origin is not None, on_eval=on_eval)
+        except optuna.TrialPruned:
+            shutil.rmtree(run_root, ignore_errors=True)  # its checkpoints will never be resumed
+            raise
         except KeyboardInterrupt:
             # Re-queue the same params so the next `loralab tune` resumes this trial's checkpoint.
             trial.study.enqueue_trial(values, user_attrs={RESUME_OF: origin if origin is not None else trial.number})
@@ -237,6 +256,10 @@ def _log_trial(cfg: Config):
     return callback
 
 
+# A trial that runs out of memory (a large rank or batch) is recorded as failed; the search goes on.
+_CATCH = (torch.OutOfMemoryError, MemoryError)
+
+
 def _work_grid(study, objective: Objective, cfg: Config, deadline: float | None) -> None:
     """Take grid points from the queue until none is waiting or running. Waiting on a RUNNING
     trial matters: if its worker died, it is re-queued after the grace period and run here."""
@@ -247,7 +270,7 @@ def _work_grid(study, objective: Objective, cfg: Config, deadline: float | None)
         fail_stale_trials(study)
         states = {t.state for t in study.get_trials(deepcopy=False)}
         if TrialState.WAITING in states:
-            study.optimize(objective, n_trials=1, callbacks=[_log_trial(cfg)], gc_after_trial=True)
+            study.optimize(objective, n_trials=1, callbacks=[_log_trial(cfg)], gc_after_trial=True, catch=_CATCH)
         elif TrialState.RUNNING in states:
             time.sleep(min(cfg.tune.heartbeat_seconds, 5))
         else:
@@ -262,7 +285,7 @@ def _work_sampled(study, objective: Objective, cfg: Config, deadline: float | No
         return
     timeout = None if deadline is None else max(1.0, deadline - time.monotonic())
     stop = MaxTrialsCallback(cfg.tune.n_trials, states=(TrialState.COMPLETE, TrialState.PRUNED))
-    study.optimize(objective, timeout=timeout, callbacks=[_log_trial(cfg), stop], gc_after_trial=True)
+    study.optimize(objective, timeout=timeout, callbacks=[_log_trial(cfg), stop], gc_after_trial=True, catch=_CATCH)
 
 
 def validate(cfg: Config) -> list[Param]:
