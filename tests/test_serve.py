@@ -178,3 +178,14 @@ def test_a_full_queue_answers_429_and_never_5xx(server):
     assert json.loads(urllib.request.urlopen(server["url"] + "/health").read())["status"] == "ok"
     lines = [json.loads(line) for line in server["log"].read_text().splitlines() if line.startswith('{"ts"')]
     assert {line["status"] for line in lines} <= {200, 400, 401, 404, 413, 429}  # structured log of every request
+
+
+def test_serve_refuses_adapters_that_are_not_safetensors_before_binding(tiny_llama_dir, tmp_path):
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
+    result = subprocess.run([sys.executable, "-m", "loralab", "serve", "--set", f"model.name_or_path={tiny_llama_dir}",
+                             "--set", f"model.cache_dir={tmp_path / 'models'}", "--adapter", f"x={tmp_path / 'pickled'}",
+                             "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("loralab: error: serve.adapters.x:")
+    assert "only safetensors" in result.stderr
