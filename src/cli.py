@@ -35,7 +35,9 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (sections: data, model, lora, train, eval, tune)")
+    common.add_argument("--config", action="append", default=[],
+                        help="YAML config file (sections: data, model, lora, train, eval, tune, serve, export); "
+                             "repeatable, later files win")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
     common.add_argument("--quick", action="store_true", help=f"apply the ~2-minute preset ({REPO_CONFIGS / 'quick.yaml'})")
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     presets = [REPO_CONFIGS / "quick.yaml"] if args.quick else []
-    cfg = load_config(*presets, args.config, overrides=args.overrides)  # the user's file wins over the preset
+    cfg = load_config(*presets, *args.config, overrides=args.overrides)  # the user's files win over the preset
     # Paths and field names are taken literally (not parsed as YAML: "2024-05-01" stays a string).
     for attr in ("dataset", "format", "question_field", "answer_field", "task_field", "out_dir"):
         value = getattr(args, attr, None)
