@@ -22,11 +22,11 @@ import concurrent.futures
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -65,6 +65,25 @@ def naive(adapter: str, max_tokens: int, requests: int) -> dict:
             tokens += out.shape[1] - ids.shape[1]
     wall = time.perf_counter() - started
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, **_percentiles(latencies)}
+
+
+def llama_cpp(gguf_path: Path, max_tokens: int, requests: int) -> dict | None:
+    """The exported GGUF in llama.cpp, batch 1, when the optional llama-cpp-python is installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for i in range(requests):
+        t0 = time.perf_counter()
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                         max_tokens=max_tokens, temperature=0.0)
+        latencies.append(time.perf_counter() - t0)
+        tokens += out["usage"]["completion_tokens"]
+    wall = time.perf_counter() - started
+    return {"gguf": str(gguf_path), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, **_percentiles(latencies)}
 
 
 def _percentiles(latencies: list[float]) -> dict:
@@ -165,7 +184,7 @@ def main() -> None:
     parser.add_argument("--skip-load", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(REPO))
+    os.chdir(REPO)  # the config's relative paths (models/base_model, lora) are the repository's
     levels = [int(c) for c in args.concurrency.split(",")]
     results: dict = {"max_tokens": args.max_tokens, "cpu_count": os.cpu_count()}
 
@@ -196,6 +215,11 @@ def main() -> None:
                 print(f"load: {results['load']}", flush=True)
         finally:
             server.close()
+    gguf_files = sorted((REPO / "models" / "fine_tuned_model").glob("*.Q8_0.gguf"))
+    if gguf_files:
+        results["llama_cpp"] = llama_cpp(gguf_files[0], args.max_tokens, requests=8)
+        print("llama.cpp: " + (f"{results['llama_cpp']['tokens_per_s']:.1f} tokens/s (stops at end of turn; no ignore_eos)"
+                               if results["llama_cpp"] else "skipped (pip install llama-cpp-python: compiles ~13 min)"), flush=True)
     out = REPO / "benchmarks" / "results" / "inference.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
