@@ -73,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--sampler", choices=("tpe", "grid", "random"))
     tune.add_argument("--n-trials", type=int, help="finished trials in the whole study (all workers)")
     tune.add_argument("--timeout-minutes", type=float, help="wall-time budget of this worker (0 = none)")
+    tune.add_argument("--report-only", action="store_true", help="rewrite the results, table and plots from the study; no training")
 
     verbs.add_parser("sweep", parents=[common], help="sensitivity: one factor at a time around the config (tune.sweep)")
 
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
             out = merge_to_directory(cfg.model, args.adapter or cfg.train.output_dir, args.out)
             print(f"wrote the merged model to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
         elif args.verb == "tune":
-            from .tuning import tune
+            from .tuning import report_only, tune
 
-            summary = tune(cfg)
+            summary = report_only(cfg) if args.report_only else tune(cfg)
             best = summary["best"]
             if best is None:
                 print(f"no complete trial yet ({summary['counts']}); wrote {cfg.tune.results_json}")

@@ -172,7 +172,7 @@ class ServeConfig:
 @dataclass
 class ExportConfig:
     out_dir: str = "models/fine_tuned_model"  # merged/, gguf files, export_report.json under here
-    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "int8"])
+    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8"])
     evaluate: bool = True  # measure every format on the test split (perplexity, accuracy, speed)
     generation_per_task: int = 10
     speed_tokens: int = 64  # greedy tokens at batch 1 for the tokens/s column

@@ -2,7 +2,7 @@
 
 - merged: base + adapter as one plain Hugging Face safetensors directory (tokenizer and chat
   template included); verified against base + adapter (PEFT, unmerged).
-- gguf-f16 / gguf-q8_0 / gguf-q4_0: for llama.cpp and Ollama (gguf_export.py); each is loaded
+- gguf-f16 / gguf-q8_0 / gguf-q4_1 / gguf-q4_0: for llama.cpp and Ollama (gguf_export.py); each is loaded
   back through transformers and its logits compared with the merged model's, with a tolerance
   per type (QUALITY_BOUNDS).
 - int8: PyTorch dynamic int8 quantization of the Linear layers, for CPU inference; a load-time
@@ -31,7 +31,7 @@ from . import atomic_io
 from .config import Config
 from .errors import LoralabError
 
-FORMATS = ("merged", "gguf-f16", "gguf-q8_0", "gguf-q4_0", "int8")
+FORMATS = ("merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8")
 # Upper bounds on the mean KL divergence (nats per token) of a format's next-token distribution
 # from the merged fp32 model's, on the verification prompts. Measured values are in the report.
 QUALITY_BOUNDS = {"merged": 1e-6, "gguf-f16": 1e-3, "gguf-q8_0": 5e-3, "gguf-q4_0": 0.15, "int8": 0.05}

@@ -1,4 +1,4 @@
-"""Write a merged Llama-architecture model as GGUF (F16, Q8_0, Q4_0) with its tokenizer and chat
+"""Write a merged Llama-architecture model as GGUF (F16, Q8_0, Q4_1, Q4_0) with its tokenizer and chat
 template, for llama.cpp and Ollama.
 
 Why by hand: the converter people use (llama.cpp's convert_hf_to_gguf.py) is not on any package
@@ -18,7 +18,7 @@ import torch
 
 from .errors import LoralabError
 
-QUANT_TYPES = ("f16", "q8_0", "q4_0")
+QUANT_TYPES = ("f16", "q8_0", "q4_1", "q4_0")
 
 
 def _rope_theta(config) -> float:
@@ -71,7 +71,7 @@ def _tokenizer_fields(tokenizer, vocab_size: int) -> dict:
 
 
 def write_gguf(model, tokenizer, path: str | Path, qtype: str, name: str, pre_tokenizer: str = "default") -> Path:
-    """Write `model` (a merged LlamaForCausalLM) as one GGUF file of `qtype` (f16, q8_0, q4_0)."""
+    """Write `model` (a merged LlamaForCausalLM) as one GGUF file of `qtype` (f16, q8_0, q4_1, q4_0)."""
     import gguf
 
     config = model.config
@@ -87,10 +87,13 @@ def write_gguf(model, tokenizer, path: str | Path, qtype: str, name: str, pre_to
     if qtype not in QUANT_TYPES:
         raise LoralabError(f"GGUF type {qtype!r}: expected one of {', '.join(QUANT_TYPES)}")
     G = gguf.GGMLQuantizationType
-    linear_type = {"f16": G.F16, "q8_0": G.Q8_0, "q4_0": G.Q4_0}[qtype]
+    # 4-bit: Q4_1 (a scale and a minimum per 32 weights) by default, as in the bundled GGUF itself;
+    # Q4_0 (scale only) loses much more on a model this small (see experiments/export_report.md).
+    # The k-quants need rows of 256 and this model's rows are 576 wide, so they do not apply.
+    linear_type = {"f16": G.F16, "q8_0": G.Q8_0, "q4_1": G.Q4_1, "q4_0": G.Q4_0}[qtype]
     embed_type = G.F16 if qtype == "f16" else G.Q8_0  # the tied embedding is also the output head: keep it precise
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
+                 "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,15 @@ def trial_record(frozen) -> dict:
         "number": frozen.number,
         "state": frozen.state.name,
         "params": frozen.params,
-        "eval_loss": frozen.value,
+        # A pruned trial's stored value is its last intermediate loss, not a final one: kept apart.
+        "eval_loss": frozen.value if frozen.state.name == "COMPLETE" else None,
         **{k: frozen.user_attrs[k] for k in COST_KEYS if k in frozen.user_attrs},
         "intermediate_eval_loss": {str(k): v for k, v in sorted(frozen.intermediate_values.items())},
         "duration_s": round(frozen.duration.total_seconds(), 1) if frozen.duration else None,
     }
+    if frozen.state.name == "PRUNED" and frozen.intermediate_values:
+        step = max(frozen.intermediate_values)
+        record["last_intermediate_eval_loss"] = frozen.intermediate_values[step]
     origin = continued_trial(frozen)
     if origin is not None:
         record["continues_trial"] = origin
@@ -85,12 +89,16 @@ def _markdown(summary: dict, cfg: Config) -> str:
     if summary["param_importances"]:
         lines += ["", "Parameter importances (Optuna's fANOVA on the complete trials): "
                   + ", ".join(f"`{k}` {v:.2f}" for k, v in summary["param_importances"].items()) + "."]
+    lines += ["", "tokens/s and wall time are per trial on this machine's 2 cores; other work running at the same time lowers "
+              "them. Peak RSS is the trial process's resident memory while the trial ran, which includes memory the "
+              "process kept from earlier trials: compare `loralab sweep` (one process per point) for memory."]
     header = ["trial", "state", *names, "eval loss", "eval ppl", "trainable params", "adapter MB", "tokens/s", "peak RSS MB", "wall s"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        loss = r["eval_loss"] if r["eval_loss"] is not None else (
+            f"({_fmt(r['last_intermediate_eval_loss'])} when pruned)" if "last_intermediate_eval_loss" in r else "")
         cells = [r["number"], r["state"].lower() + (f" ({r['pruned_at']})" if r.get("pruned_at") else ""),
-                 *[r["params"].get(n, "") for n in names],
-                 r["eval_loss"] if r["eval_loss"] is not None else "", r.get("eval_perplexity", ""),
+                 *[r["params"].get(n, "") for n in names], loss, r.get("eval_perplexity", ""),
                  f"{r['trainable_parameters']:,}" if "trainable_parameters" in r else "", r.get("adapter_mb", ""),
                  r.get("tokens_per_s", ""), r.get("peak_rss_mb", ""), r.get("duration_s") or ""]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
@@ -156,10 +164,11 @@ def _plots(study, cfg: Config) -> list[str]:
         except (ValueError, RuntimeError, ZeroDivisionError, IndexError):
             continue
         fig = np.ravel(axes)[0].figure
-        fig.set_size_inches(4.5 * len(slices), 4) if name == "slices" else fig.set_size_inches(7, 4.5)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # colorbar axes and tight_layout: harmless
-            fig.tight_layout()
+        if name != "slices":  # Optuna lays the slice plot out with its own colorbar: resizing breaks it
+            fig.set_size_inches(7, 4.5)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # colorbar axes and tight_layout: harmless
+                fig.tight_layout()
         path = Path(cfg.tune.plots_dir) / f"{name}.png"
         atomic_io.save_figure(fig, path)
         plt.close(fig)

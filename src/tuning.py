@@ -304,6 +304,18 @@ def validate(cfg: Config) -> list[Param]:
     return params
 
 
+def report_only(cfg: Config) -> dict:
+    """Rewrite the results of an existing study from its storage (no training, no settings check)."""
+    optuna = _optuna()
+    from .tune_report import write_results
+
+    try:
+        study = optuna.load_study(study_name=cfg.tune.study_name, storage=open_storage(cfg.tune))
+    except KeyError:
+        raise LoralabError(f"no study '{cfg.tune.study_name}' in {masked_url(cfg.tune.storage)}") from None
+    return write_results(study, cfg)
+
+
 def tune(cfg: Config) -> dict:
     """Run this worker's share of the study, then write the results of the whole study."""
     from .tune_report import write_results

@@ -16,7 +16,7 @@ from loralab.config import load_config
 from loralab.errors import LoralabError
 from loralab.search_space import grid_points, parse_space
 from loralab.sweep import sweep, sweep_points
-from loralab.tuning import tune
+from loralab.tuning import report_only, tune
 
 from postgres_server import INSTALL_HINT, find_bin_dir, throwaway_server
 
@@ -80,9 +80,14 @@ def test_tpe_search_prunes_records_costs_and_writes_a_usable_best_config(tune_co
         assert (Path(tune_config.tune.plots_dir) / f"{name}.png").stat().st_size > 1000
     table = Path(tune_config.tune.summary_md).read_text()
     assert f"**Best: trial {summary['best']['number']}**" in table and table.count("\n| ") >= 9
+    for trial in summary["trials"]:
+        if trial["state"] == "PRUNED":  # its last intermediate loss is not passed off as a final one
+            assert trial["eval_loss"] is None and trial["last_intermediate_eval_loss"] > 0
     # The budget is the study's: a second run with the same budget has nothing left to do.
     again = tune(tune_config)
     assert len(again["trials"]) == len(summary["trials"])
+    Path(tune_config.tune.summary_md).unlink()
+    assert report_only(tune_config)["best"] == summary["best"] and Path(tune_config.tune.summary_md).is_file()
 
 
 def test_grid_sampler_runs_each_point_once_and_hyperband_prunes(tune_config):
