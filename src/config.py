@@ -164,6 +164,9 @@ class ServeConfig:
     max_tokens_limit: int = 512  # max_tokens above this: 400
     default_max_tokens: int = 128
     max_batch: int = 16  # requests decoded together in one forward pass
+    # How long the engine waits for concurrent requests to join a batch before it starts decoding:
+    # batches form per round, so a request that just misses one waits for the whole next round.
+    batch_wait_ms: float = 50.0
     max_queue: int = 64  # waiting requests beyond this: 429, never an unbounded backlog
     request_timeout_s: float = 120.0  # 504 when a request has not finished by then
     max_body_bytes: int = 1_000_000
@@ -172,7 +175,7 @@ class ServeConfig:
 @dataclass
 class ExportConfig:
     out_dir: str = "models/fine_tuned_model"  # merged/, gguf files, export_report.json under here
-    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8"])
+    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "int8"])
     evaluate: bool = True  # measure every format on the test split (perplexity, accuracy, speed)
     generation_per_task: int = 10
     speed_tokens: int = 64  # greedy tokens at batch 1 for the tokens/s column
