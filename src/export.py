@@ -58,8 +58,11 @@ class WeightOnlyInt8Linear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch._weight_int8pack_mm(flat.to(self.scale.dtype), self.weight_int8, self.scale)  # torch's CPU kernel for this
+        flat = x.reshape(-1, x.shape[-1]).to(self.scale.dtype)
+        if flat.shape[0] <= 64:  # decoding: torch's int8 weight-only CPU kernel
+            out = torch._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        else:  # a long prompt or a scoring batch: that kernel is slow at many rows, so dequantize once
+            out = flat @ (self.weight_int8.to(flat.dtype) * self.scale[:, None]).T
         out = out.reshape(*x.shape[:-1], -1).to(x.dtype)
         return out if self.bias is None else out + self.bias
 
