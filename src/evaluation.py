@@ -139,10 +139,15 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generatio
     loaded = load_base_model(cfg.model, device)
     ensure_chat_template(loaded.tokenizer)
     model = load_adapter(loaded.model, adapter_dir)
+    return measure_quality(cfg, model, loaded.tokenizer, rows, generation_per_task, device, amp_dtype)
+
+
+def measure_quality(cfg: Config, model, tokenizer, rows: list[dict], generation_per_task: int, device, amp_dtype) -> dict:
+    """Answer perplexity over `rows` and domain accuracy over the first `generation_per_task` per task."""
     gen_rows = generation_subset(rows, generation_per_task)
-    ppl = answer_perplexity(model, loaded.tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
-    answers = generate_answers(model, loaded.tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device,
-                               amp_dtype, desc="generate")
+    ppl = answer_perplexity(model, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
+    answers = generate_answers(model, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype,
+                               desc="generate")
     return {**ppl, **score_answers(gen_rows, answers), "generation_examples": len(gen_rows)}
 
 

@@ -223,15 +223,11 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
 
 
 def _measure(cfg: Config, model, tokenizer, rows: list[dict]) -> dict:
-    from .evaluation import answer_perplexity, generate_answers, generation_subset, score_answers
+    from .evaluation import measure_quality
 
-    cpu = torch.device("cpu")
-    ppl = answer_perplexity(model, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, cpu, None)
-    gen_rows = generation_subset(rows, cfg.export.generation_per_task)
-    answers = generate_answers(model, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, cpu, None, desc="generate")
-    scores = score_answers(gen_rows, answers)
-    return {"test_perplexity": ppl["perplexity"], "domain_accuracy": scores["domain_accuracy"],
-            "domain_accuracy_se": scores["domain_accuracy_se"], "generation_examples": len(gen_rows),
+    quality = measure_quality(cfg, model, tokenizer, rows, cfg.export.generation_per_task, torch.device("cpu"), None)
+    return {"test_perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
+            "domain_accuracy_se": quality["domain_accuracy_se"], "generation_examples": quality["generation_examples"],
             "tokens_per_s_batch1": round(_tokens_per_s(model, tokenizer, cfg.export.speed_tokens), 1)}
 
 

@@ -26,7 +26,7 @@ def find_bin_dir() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +41,7 @@ def throwaway_server(bin_dir: Path) -> Iterator[str]:
     if as_root:  # the server refuses root; Debian's package creates the `postgres` user
         shutil.chown(root, user="postgres", group="postgres")
         prefix = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
 
     def run(*args: str) -> None:
         subprocess.run([*prefix, *args], check=True, capture_output=True, cwd=root)

@@ -5,7 +5,6 @@ and every refusal (malformed JSON, unknown model, oversize prompt, missing key, 
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,9 @@ import yaml
 
 from loralab.model_utils import attach_lora, save_adapter
 
+from postgres_server import free_port as _free_port
+
 KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adapter_that_changes_answers(model_dir, out_dir, seed: int) -> None:
