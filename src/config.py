@@ -53,6 +53,9 @@ class ModelConfig:
     cache_dir: str = "models/base_model"
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU/GPU has it)
+    # dtype of the frozen base weights while training: auto (bf16 when autocast is bf16), bf16, fp32.
+    # The adapter and its optimizer state stay fp32 whatever this says.
+    frozen_dtype: str = "auto"
     gradient_checkpointing: bool = False
 
 
@@ -86,6 +89,10 @@ class TrainConfig:
     output_dir: str = "lora"  # the final adapter
     log_file: str = "experiments/training_logs.txt"
     loss_plot: str = "experiments/plots/loss_curve.png"
+    # Speed techniques, on by default; each can be switched off (benchmarks/train_throughput.py --ablation).
+    length_bucketing: bool = True  # batch examples of similar length together (less padding)
+    answer_only_logits: bool = True  # apply the output head only where the next token is labelled
+    compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off only on long runs
 
 
 @dataclass
