@@ -1,7 +1,7 @@
 """Training throughput: the plain PEFT-docs recipe versus loralab's training path, in one run.
 
-    python benchmarks/train_throughput.py              # plain vs loralab default, ~6 minutes
-    python benchmarks/train_throughput.py --ablation   # + each technique alone and combined, ~20 minutes
+    python benchmarks/train_throughput.py              # plain vs loralab default, ~7 minutes
+    python benchmarks/train_throughput.py --ablation   # + each technique alone and combined, ~25 minutes
 
 (a) plain: transformers.Trainer + PEFT LoRA, fp32, batches padded to their longest sequence, logits
     for every position (the model's own loss), the Trainer's random batch order;
@@ -11,7 +11,7 @@
     top of that, and the default plus torch.compile.
 Same bundled model, same first N training examples of data/train_split.json, same LoRA config
 (r=8, alpha=16, dropout 0.05, q/k/v/o), learning rate, schedule and seed. Each path runs in its own
-subprocess, so peak RSS is its own. Printed per path: effective tokens/s (non-padding prompt and
+subprocess, so peak RSS (the process's peak up to the end of training) is its own. Printed per path: effective tokens/s (non-padding prompt and
 answer tokens / training wall time, model load excluded), peak RSS, eval loss on the first 64 eval
 examples (fp32 base + the trained adapter, the same function for every path), model FLOP
 utilisation; then the ratios to (a). Run `loralab prepare` first (make run does).
@@ -111,7 +111,7 @@ def run_plain(examples: int, batch_size: int, overrides: dict) -> dict:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows), **_workload(cfg, loaded, train_examples, model)}
+    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows), **_workload(cfg, loaded, train_examples, model)}
 
 
 def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
@@ -134,6 +134,7 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
     cfg.train.run_dir, cfg.train.output_dir = str(tmp / "run"), str(tmp / "lora")
     cfg.train.log_file, cfg.train.loss_plot = str(tmp / "log.txt"), ""
     train(cfg, quiet=True)
+    peak_rss = _peak_rss_mb()  # before the evaluation below loads a second copy of the model
     args = json.loads((tmp / "lora" / "training_args.json").read_text())
     steps = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     loaded = load_base_model(cfg.model, torch.device("cpu"))
@@ -141,8 +142,12 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
     train_examples = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
     # tokens/s of the steps after the first three (torch.compile compiles during the first ones)
     steady = sorted(s["tokens_per_s"] for s in steps[3:]) or [0.0]
-    return {"wall_s": args["train_wall_seconds_this_process"], "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows),
+    return {"wall_s": args["train_wall_seconds_this_process"], "peak_rss_mb": peak_rss, "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows),
             "steady_tokens_per_s_median": steady[len(steady) // 2], **_workload(cfg, loaded, train_examples, model)}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _workload(cfg, loaded, examples, peft_model) -> dict:
@@ -183,7 +188,6 @@ def matmul_peak_gflops(seconds_per_shape: float = 1.0) -> dict:
 def _child(args) -> None:
     overrides = json.loads(args.overrides)
     result = (run_plain if args.path == "plain" else run_loralab)(args.examples, args.batch_size, overrides)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -201,7 +205,7 @@ def _run(path: str, overrides: dict, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--examples", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=192)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ablation", action="store_true", help="also each technique alone, and torch.compile")
     parser.add_argument("--path", choices=("plain", "loralab"), help=argparse.SUPPRESS)  # child process

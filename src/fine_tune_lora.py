@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # `python src/fine_tune_lora.py`
 
 import torch
 
-from . import atomic_io
+from . import atomic_io, peft_methods
 from .config import Config
 from .data_preparation import load_split
 from .distributed import DataParallel
@@ -51,6 +51,7 @@ from .model_utils import (
     resolve_autocast_dtype,
     resolve_device,
     save_adapter,
+    save_full_model,
 )
 
 BUCKET_FACTOR = 32  # micro-batches per length-sorted pool: low padding, still well shuffled
@@ -223,12 +224,11 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict, dp: DataParallel) -> None:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict, dp: DataParallel,
+                    settings) -> None:
     """Saved between steps: the torch RNG of every rank is then exactly as step `step + 1` will find
     it, so LoRA dropout after a resume draws the masks an uninterrupted run would have drawn.
     Called on every rank (they exchange RNG states); only the main rank writes."""
-    from peft import get_peft_model_state_dict
-
     rng_per_rank = dp.gather(torch.get_rng_state())
     cuda_rng_per_rank = dp.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
     if not dp.is_main:
@@ -237,7 +237,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep:
         torch.save(
             {
                 "step": step,
-                "adapter": get_peft_model_state_dict(model),
+                "adapter": peft_methods.trainable_state(model, settings),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "torch_rng_per_rank": rng_per_rank,
@@ -315,7 +315,6 @@ def train(
     `on_eval(step, total_steps, eval_loss)` is called after every intermediate evaluation; the
     hyperparameter search uses it to prune a bad trial by raising (the exception propagates).
     """
-    from peft import set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -324,6 +323,7 @@ def train(
         raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
     if t.learning_rate <= 0:
         raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
+    peft_methods.validate(cfg.lora)
     train_rows = load_split(cfg.data.out_dir, "train")
     eval_rows = load_split(cfg.data.out_dir, "eval")
 
@@ -342,7 +342,10 @@ def train(
     if not train_examples:
         raise LoralabError(f"no training example fits in train.max_length={t.max_length}")
 
-    model = attach_lora(loaded.model, cfg.lora)
+    global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
+    per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    model = attach_lora(loaded.model, cfg.lora, total_steps)
     hold_frozen_weights_in(model, frozen_dtype)
     if cfg.model.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -354,12 +357,9 @@ def train(
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     trainable, total_params = count_parameters(model)
 
-    global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
-    per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
-    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
     plan = plan_batches([len(e.input_ids) for e in train_examples], global_batch, t.gradient_accumulation, total_steps,
                         t.seed, bucket_factor=BUCKET_FACTOR if t.length_bucketing else 1)
-    optimizer = torch.optim.AdamW(trainable_params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    optimizer = peft_methods.make_optimizer(model, cfg.lora, t.learning_rate, t.weight_decay)
     try:
         scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
@@ -379,7 +379,7 @@ def train(
                     f"the checkpoint in {run_dir}/checkpoints was made with other settings; resume with the same "
                     f"config, or train without --resume (or with another train.run_dir) to start fresh"
                 )
-            set_peft_model_state_dict(model, state["adapter"])
+            peft_methods.load_trainable_state(model, cfg.lora, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng_per_rank"][dp.rank])
@@ -390,11 +390,12 @@ def train(
         shutil.rmtree(run_dir / "checkpoints")  # a fresh run must not resume stale state later
     dp.barrier()
     log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None
+    initial_adapter = peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter") if dp.is_main else None
 
     pad_id = tokenizer.pad_token_id
     if not quiet:
         print(
-            f"training {trainable:,} LoRA parameters ({100 * trainable / total_params:.2f}% of {total_params:,}) "
+            f"training {trainable:,} parameters with {peft_methods.METHODS[cfg.lora.method]} ({100 * trainable / total_params:.2f}% of {total_params:,}) "
             f"on {len(train_examples)} examples, {total_steps} steps, device={device.type}, "
             f"autocast={amp_dtype or 'fp32'}, frozen weights {str(frozen_dtype).removeprefix('torch.')}"
             + (f", {dp.world_size} data-parallel processes" if dp.active else "")
@@ -427,12 +428,16 @@ def train(
                 # over ranks below, this is the gradient one process would get at the same global batch.
                 (nll / n_answer).backward()
                 loss_sum += nll.item()
+            penalty = peft_methods.regularization(model, cfg.lora)
+            if penalty is not None:  # once per optimizer step, as a 1/world_size share on each rank
+                (penalty / dp.world_size).backward()
             dp.sum_gradients(trainable_params)
             (loss_sum,) = dp.sum_floats([loss_sum])
             if t.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(trainable_params, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            peft_methods.after_optimizer_step(model, cfg.lora, step)
             optimizer.zero_grad(set_to_none=True)
             completed = step
 
@@ -458,11 +463,11 @@ def train(
             bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
             bar.update(1)
             if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp)
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
     if completed < total_steps:
         bar.close()
         if completed > start_step:
-            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp)
+            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
         if dp.is_main:
             print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
         dp.barrier()
@@ -495,10 +500,15 @@ def train(
         "frozen_weights_dtype": str(frozen_dtype),
         "versions": _versions(),
     }
-    save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args})
+    if cfg.lora.method == "full":
+        save_full_model(model, tokenizer, t.output_dir, extra_json={"training_args.json": training_args})
+    else:
+        save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args},
+                     initial_adapter=initial_adapter)
     if t.loss_plot:
         plot_losses(entries, Path(t.loss_plot))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
+    shutil.rmtree(run_dir / "initial_adapter", ignore_errors=True)
     dp.barrier()
     if not quiet:
         eval_text = f"{last_eval:.4f}" if last_eval is not None else "-"
