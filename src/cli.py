@@ -12,6 +12,8 @@
                                                 # merged / GGUF / int8, verified; experiments/export_report.md
     loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--host H] [--port P]
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
+    loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
+    loralab analysis                            # experiments/optimization_analysis.md from the committed results
     loralab config                              # print the resolved config as YAML
 
 Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
@@ -36,7 +38,7 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", action="append", default=[],
-                        help="YAML config file (sections: data, model, lora, train, eval, tune, serve, export); "
+                        help="YAML config file (sections: data, model, lora, train, eval, tune, serve, export, compare); "
                              "repeatable, later files win")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
@@ -90,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int)
 
+    verbs.add_parser("compare", parents=[common], help="every method, same data and budget, own lr, seeds; test split")
+    verbs.add_parser("analysis", parents=[common], help="rebuild experiments/optimization_analysis.md from the committed results")
     verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     return parser
 
@@ -184,6 +188,16 @@ def main(argv: list[str] | None = None) -> int:
             results = export(cfg, adapter_dir=args.adapter, formats=formats)
             print(f"wrote {', '.join(e['path'] for e in results['formats'].values())}"
                   + (f"; report {cfg.export.report_md}" if cfg.export.evaluate else ""))
+        elif args.verb == "compare":
+            from .compare import compare
+
+            summary = compare(cfg)
+            print(f"{len(summary['methods'])} methods; wrote {cfg.compare.results_json}, {cfg.compare.summary_md} "
+                  f"and {cfg.compare.plots_dir}/")
+        elif args.verb == "analysis":
+            from .analysis import write_analysis
+
+            print(f"wrote {write_analysis()}")
         elif args.verb == "serve":
             from .server import serve
 

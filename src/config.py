@@ -53,16 +53,23 @@ class ModelConfig:
     cache_dir: str = "models/base_model"
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU/GPU has it)
+    # dtype of the frozen base weights while training: auto (bf16 when autocast is bf16), bf16, fp32.
+    # The adapter and its optimizer state stay fp32 whatever this says.
+    frozen_dtype: str = "auto"
     gradient_checkpointing: bool = False
 
 
 @dataclass
 class LoraSettings:
+    # lora | rslora | dora | pissa | olora | loraplus | adalora | ia3 | full (src/peft_methods.py)
+    method: str = "lora"
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
     # "auto" (attention projections of the architecture), "all-linear", or a list of module names.
     target_modules: Any = "auto"
+    loraplus_lr_ratio: float | None = None  # method=loraplus only: B's learning rate / A's (default 16)
+    adalora_init_r: int | None = None  # method=adalora only: starting rank (default 1.5 r; r is the target)
 
 
 @dataclass
@@ -86,6 +93,10 @@ class TrainConfig:
     output_dir: str = "lora"  # the final adapter
     log_file: str = "experiments/training_logs.txt"
     loss_plot: str = "experiments/plots/loss_curve.png"
+    # Speed techniques, on by default; each can be switched off (benchmarks/train_throughput.py --ablation).
+    length_bucketing: bool = True  # batch examples of similar length together (less padding)
+    answer_only_logits: bool = True  # apply the output head only where the next token is labelled
+    compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off only on long runs
 
 
 @dataclass
@@ -184,6 +195,28 @@ class ExportConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`loralab compare`: each method, the same data and example budget, its own learning rate."""
+
+    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "olora", "loraplus", "adalora", "ia3", "full"])
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
+    # Per method, the learning rates tried (one seed each, scored on the eval split); the best is used
+    # for every seed. Methods differ by orders of magnitude here, so one shared lr would be unfair.
+    learning_rates: dict[str, list[float]] = field(default_factory=lambda: {
+        "lora": [1e-3, 3e-3, 1e-2], "rslora": [3e-4, 1e-3, 3e-3], "dora": [1e-3, 3e-3, 1e-2],
+        "pissa": [3e-4, 1e-3, 3e-3], "olora": [3e-4, 1e-3, 3e-3], "loraplus": [3e-4, 1e-3, 3e-3],
+        "adalora": [3e-3, 1e-2, 3e-2], "ia3": [3e-3, 1e-2, 3e-2], "full": [1e-5, 3e-5, 1e-4],
+    })
+    train_examples: int = 240  # every run, whatever its batch size
+    eval_examples: int = 96  # eval-split examples for choosing the learning rate
+    generation_per_task: int = 10  # test-split questions per task for domain accuracy
+    runs_dir: str = "runs/compare"
+    results_json: str = "experiments/method_comparison.json"
+    summary_md: str = "experiments/method_comparison.md"
+    plots_dir: str = "experiments/plots/compare"
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -193,6 +226,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -266,7 +300,7 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
             raise LoralabError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
         section, key = parts
         if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"--set {item!r}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export)")
+            raise LoralabError(f"--set {item!r}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export, compare)")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -285,10 +319,10 @@ def _apply_file(config: Config, path: Path) -> None:
         line = f":{mark.line + 1}" if mark is not None else ""
         raise LoralabError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
-        raise LoralabError(f"{path}: expected a mapping of sections (data, model, lora, train, eval, tune, serve, export)")
+        raise LoralabError(f"{path}: expected a mapping of sections (data, model, lora, train, eval, tune, serve, export, compare)")
     for section, values in raw.items():
         if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"{path}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export)")
+            raise LoralabError(f"{path}: unknown section '{section}' (data, model, lora, train, eval, tune, serve, export, compare)")
         if not isinstance(values, dict):
             raise LoralabError(f"{path}: section '{section}' must be a mapping")
         _apply(getattr(config, section), values, f"{path}: {section}")

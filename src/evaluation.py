@@ -35,7 +35,7 @@ from .errors import LoralabError
 from .formatting import collate, encode_chat, ensure_chat_template, left_pad, prompt_ids
 from .losses import answer_token_nll
 from .metrics import primary_metric, score_all
-from .model_utils import autocast, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
+from .model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
 
 
 @torch.no_grad()
@@ -174,11 +174,14 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     answers: dict[str, list[str]] = {}
     for name in ("base", "fine_tuned"):
         started = time.perf_counter()
-        context = model.disable_adapter() if name == "base" else nullcontext()
+        if is_full_model_dir(adapter_dir):  # lora.method=full: a whole tuned model beside the base
+            current, context = (loaded.model if name == "base" else model), nullcontext()
+        else:  # one object: the base numbers come from the same model with the adapter disabled
+            current, context = model, model.disable_adapter() if name == "base" else nullcontext()
         with context:
-            ppl = answer_perplexity(model, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
+            ppl = answer_perplexity(current, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
             answers[name] = generate_answers(
-                model, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype, desc=f"generate ({name})"
+                current, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype, desc=f"generate ({name})"
             )
         results["models"][name] = {**ppl, **score_answers(gen_rows, answers[name]), "seconds": round(time.perf_counter() - started, 1)}
         if not quiet:

@@ -35,12 +35,14 @@ if __package__ in (None, ""):  # `python src/fine_tune_lora.py`
 
 import torch
 
-from . import atomic_io
+from . import atomic_io, peft_methods
 from .config import Config
 from .data_preparation import load_split
+from .distributed import DataParallel
+from .distributed import setup as setup_data_parallel
 from .errors import LoralabError
 from .formatting import EncodedExample, collate, encode_chat, ensure_chat_template
-from .losses import answer_nll_fast
+from .losses import answer_nll_fast, answer_nll_plain
 from .model_utils import (
     attach_lora,
     autocast,
@@ -49,6 +51,7 @@ from .model_utils import (
     resolve_autocast_dtype,
     resolve_device,
     save_adapter,
+    save_full_model,
 )
 
 BUCKET_FACTOR = 32  # micro-batches per length-sorted pool: low padding, still well shuffled
@@ -58,21 +61,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
 
 
-def encode_rows(tokenizer, rows: list[dict], max_length: int) -> list[EncodedExample]:
+def encode_rows(tokenizer, rows: list[dict], max_length: int, warn: bool = True) -> list[EncodedExample]:
     encoded = [encode_chat(tokenizer, row["messages"], max_length) for row in rows]
     dropped = sum(e is None for e in encoded)
-    if dropped:
+    if dropped and warn:
         print(f"warning: {dropped} of {len(rows)} examples do not fit in train.max_length={max_length} with their "
               f"whole final answer and were left out (raise train.max_length to keep them)", file=sys.stderr)
     return [e for e in encoded if e is not None]
 
 
-def plan_batches(lengths: list[int], batch_size: int, accumulation: int, total_steps: int, seed: int) -> list[list[list[int]]]:
+def plan_batches(
+    lengths: list[int], batch_size: int, accumulation: int, total_steps: int, seed: int, bucket_factor: int = BUCKET_FACTOR
+) -> list[list[list[int]]]:
     """Optimizer steps -> micro-batches -> example indices; a pure function of its arguments.
 
-    Each epoch is a seeded permutation cut into pools of BUCKET_FACTOR micro-batches; a pool is
+    Each epoch is a seeded permutation cut into pools of `bucket_factor` micro-batches; a pool is
     sorted by length and cut into micro-batches whose order is then shuffled, so examples of
     similar length share a batch (little padding) without a length-ordered curriculum.
+    bucket_factor=1 gives plain random batches.
     """
     steps: list[list[list[int]]] = []
     epoch = 0
@@ -81,7 +87,7 @@ def plan_batches(lengths: list[int], batch_size: int, accumulation: int, total_s
         order = list(range(len(lengths)))
         rng.shuffle(order)
         micro: list[list[int]] = []
-        pool = batch_size * BUCKET_FACTOR
+        pool = batch_size * bucket_factor
         for start in range(0, len(order), pool):
             chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
             micro += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
@@ -172,7 +178,8 @@ def plot_losses(entries: list[dict], path: Path) -> None:
 
 
 @torch.no_grad()
-def mean_answer_loss(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> float:
+def answer_loss_sums(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> tuple[float, int]:
+    """(summed answer-token NLL, answer tokens): sums, so data-parallel ranks can add theirs."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -185,7 +192,28 @@ def mean_answer_loss(model, examples: list[EncodedExample], pad_id: int, batch_s
         total += float(nll)
         count += n
     model.train(was_training)
+    return total, count
+
+
+def mean_answer_loss(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> float:
+    total, count = answer_loss_sums(model, examples, pad_id, batch_size, device, amp_dtype)
     return total / max(count, 1)
+
+
+def hold_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen base weights in `dtype` (bf16 halves their memory, and autocast no longer
+    re-casts every fp32 weight on every forward); the trainable adapter stays fp32."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def resolve_frozen_dtype(setting: str, amp_dtype: torch.dtype | None) -> torch.dtype:
+    if setting == "auto":
+        return amp_dtype if amp_dtype == torch.bfloat16 else torch.float32
+    if setting in ("bf16", "fp32"):
+        return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+    raise LoralabError(f"model.frozen_dtype={setting!r}: expected auto, bf16 or fp32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,21 +224,25 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict) -> None:
-    """Saved between steps: the torch RNG is then exactly as step `step + 1` will find it, so LoRA
-    dropout after a resume draws the masks an uninterrupted run would have drawn."""
-    from peft import get_peft_model_state_dict
-
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict, dp: DataParallel,
+                    settings) -> None:
+    """Saved between steps: the torch RNG of every rank is then exactly as step `step + 1` will find
+    it, so LoRA dropout after a resume draws the masks an uninterrupted run would have drawn.
+    Called on every rank (they exchange RNG states); only the main rank writes."""
+    rng_per_rank = dp.gather(torch.get_rng_state())
+    cuda_rng_per_rank = dp.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    if not dp.is_main:
+        return
     with atomic_io.staged_dir(run_dir / "checkpoints" / f"step-{step:07d}") as staged:
         torch.save(
             {
                 "step": step,
-                "adapter": get_peft_model_state_dict(model),
+                "adapter": peft_methods.trainable_state(model, settings),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
+                "torch_rng_per_rank": rng_per_rank,
                 "fingerprint": fingerprint,
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "cuda_rng_per_rank": cuda_rng_per_rank,
             },
             staged / "state.pt",
         )
@@ -257,10 +289,12 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def resume_fingerprint(cfg: Config) -> dict:
+def resume_fingerprint(cfg: Config, world_size: int) -> dict:
     """The settings a checkpoint is only valid for: resuming with others would be silently wrong."""
     t = cfg.train
     return {
+        "world_size": world_size,  # batch_size is per process: another world size is another batch plan
+        "length_bucketing": t.length_bucketing,
         "model": cfg.model.name_or_path,
         "lora": dataclasses.asdict(cfg.lora),
         "train": {k: getattr(t, k) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size",
@@ -281,7 +315,6 @@ def train(
     `on_eval(step, total_steps, eval_loss)` is called after every intermediate evaluation; the
     hyperparameter search uses it to prune a bad trial by raising (the exception propagates).
     """
-    from peft import set_peft_model_state_dict
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -290,32 +323,43 @@ def train(
         raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
     if t.learning_rate <= 0:
         raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
+    peft_methods.validate(cfg.lora)
     train_rows = load_split(cfg.data.out_dir, "train")
     eval_rows = load_split(cfg.data.out_dir, "eval")
 
-    torch.manual_seed(t.seed)
-    device = resolve_device(cfg.model.device)
+    dp = setup_data_parallel(resolve_device(cfg.model.device))
+    device = dp.device
+    quiet = quiet or not dp.is_main
+    torch.manual_seed(t.seed + dp.rank)  # LoRA dropout masks differ across ranks, as across examples
     amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
-    loaded = load_base_model(cfg.model, device)
+    frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, amp_dtype)
+    with dp.main_first():  # the first load may convert the bundled GGUF into the shared cache
+        loaded = load_base_model(cfg.model, device)
     tokenizer = loaded.tokenizer
     ensure_chat_template(tokenizer)
-    train_examples = encode_rows(tokenizer, train_rows, t.max_length)
-    eval_examples = encode_rows(tokenizer, eval_rows[: t.eval_examples or None], t.max_length)
+    train_examples = encode_rows(tokenizer, train_rows, t.max_length, warn=dp.is_main)
+    eval_examples = encode_rows(tokenizer, eval_rows[: t.eval_examples or None], t.max_length, warn=dp.is_main)
     if not train_examples:
         raise LoralabError(f"no training example fits in train.max_length={t.max_length}")
 
-    model = attach_lora(loaded.model, cfg.lora)
+    global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
+    per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
+    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    model = attach_lora(loaded.model, cfg.lora, total_steps)
+    hold_frozen_weights_in(model, frozen_dtype)
     if cfg.model.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if t.compile:
+        lm = model.get_base_model()
+        getattr(lm, lm.base_model_prefix).compile(dynamic=True)
+    answer_nll = answer_nll_fast if t.answer_only_logits else answer_nll_plain
     model.train()
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
     trainable, total_params = count_parameters(model)
 
-    per_epoch = steps_per_epoch(len(train_examples), t.batch_size, t.gradient_accumulation)
-    total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
-    plan = plan_batches([len(e.input_ids) for e in train_examples], t.batch_size, t.gradient_accumulation, total_steps, t.seed)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, weight_decay=t.weight_decay
-    )
+    plan = plan_batches([len(e.input_ids) for e in train_examples], global_batch, t.gradient_accumulation, total_steps,
+                        t.seed, bucket_factor=BUCKET_FACTOR if t.length_bucketing else 1)
+    optimizer = peft_methods.make_optimizer(model, cfg.lora, t.learning_rate, t.weight_decay)
     try:
         scheduler = get_scheduler(
             t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
@@ -326,61 +370,74 @@ def train(
     run_dir = Path(t.run_dir)
     start_step = 0
     if resume:
-        state = load_latest_checkpoint(run_dir)
-        if state is None and run_dir.exists():
+        state = dp.broadcast(load_latest_checkpoint(run_dir) if dp.is_main else None)  # one reader, even across nodes
+        if state is None and run_dir.exists() and dp.is_main:
             print(f"no checkpoint under {run_dir}/checkpoints: starting from step 0", file=sys.stderr)
         elif state is not None:
-            if state.get("fingerprint") != resume_fingerprint(cfg):
+            if state.get("fingerprint") != resume_fingerprint(cfg, dp.world_size):
                 raise LoralabError(
                     f"the checkpoint in {run_dir}/checkpoints was made with other settings; resume with the same "
                     f"config, or train without --resume (or with another train.run_dir) to start fresh"
                 )
-            set_peft_model_state_dict(model, state["adapter"])
+            peft_methods.load_trainable_state(model, cfg.lora, state["adapter"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            torch.set_rng_state(state["torch_rng_per_rank"][dp.rank])
+            if state["cuda_rng_per_rank"][dp.rank] is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng_per_rank"][dp.rank])
             start_step = state["step"]
-    elif _checkpoints(run_dir):
+    elif _checkpoints(run_dir) and dp.is_main:
         shutil.rmtree(run_dir / "checkpoints")  # a fresh run must not resume stale state later
-    log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step)
+    dp.barrier()
+    log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None
+    initial_adapter = peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter") if dp.is_main else None
 
     pad_id = tokenizer.pad_token_id
     if not quiet:
         print(
-            f"training {trainable:,} LoRA parameters ({100 * trainable / total_params:.2f}% of {total_params:,}) "
+            f"training {trainable:,} parameters with {peft_methods.METHODS[cfg.lora.method]} ({100 * trainable / total_params:.2f}% of {total_params:,}) "
             f"on {len(train_examples)} examples, {total_steps} steps, device={device.type}, "
-            f"autocast={amp_dtype or 'fp32'}" + (f", resuming at step {start_step}" if start_step else ""),
+            f"autocast={amp_dtype or 'fp32'}, frozen weights {str(frozen_dtype).removeprefix('torch.')}"
+            + (f", {dp.world_size} data-parallel processes" if dp.active else "")
+            + (f", resuming at step {start_step}" if start_step else ""),
             flush=True,
         )
     started = time.perf_counter()
-    previous = [e for e in log.entries() if e["step"] <= start_step]
+    previous = [e for e in log.entries() if e["step"] <= start_step] if log else []
     last_loss = previous[-1]["loss"] if previous else None
     last_eval = next((e["eval_loss"] for e in reversed(previous) if e["eval_loss"] is not None), None)
-    fingerprint = resume_fingerprint(cfg)
+    fingerprint = resume_fingerprint(cfg, dp.world_size)
     completed = start_step  # optimizer steps whose update is in the weights
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
     with StopRequest() as stop:
         for step in range(start_step + 1, total_steps + 1):
-            if stop.requested or (stop_at_step is not None and step > stop_at_step):
+            if dp.any(stop.requested or (stop_at_step is not None and step > stop_at_step)):
                 break
             step_started = time.perf_counter()
-            micro_batches = [[train_examples[i] for i in mb] for mb in plan[step - 1]]
+            micro_batches = [[train_examples[i] for i in mb] for mb in plan[step - 1]]  # all ranks' examples
             n_answer = sum(e.n_label_tokens for mb in micro_batches for e in mb)
             n_tokens = sum(len(e.input_ids) for mb in micro_batches for e in mb)
             loss_sum = 0.0
-            for examples in micro_batches:
+            for examples in map(dp.shard, micro_batches):
+                if not examples:
+                    continue
                 batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
                 with autocast(device, amp_dtype):
-                    nll, _ = answer_nll_fast(model, batch)
-                # Token-weighted over the whole optimizer step, however it is split into micro-batches.
+                    nll, _ = answer_nll(model, batch)
+                # Token-weighted over the whole optimizer step (all micro-batches, all ranks): summed
+                # over ranks below, this is the gradient one process would get at the same global batch.
                 (nll / n_answer).backward()
                 loss_sum += nll.item()
+            penalty = peft_methods.regularization(model, cfg.lora)
+            if penalty is not None:  # once per optimizer step, as a 1/world_size share on each rank
+                (penalty / dp.world_size).backward()
+            dp.sum_gradients(trainable_params)
+            (loss_sum,) = dp.sum_floats([loss_sum])
             if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainable_params, t.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            peft_methods.after_optimizer_step(model, cfg.lora, step)
             optimizer.zero_grad(set_to_none=True)
             completed = step
 
@@ -396,24 +453,31 @@ def train(
                 "elapsed_s": round(time.perf_counter() - started, 1),
             }
             if eval_examples and t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps):
-                last_eval = mean_answer_loss(model, eval_examples, pad_id, t.batch_size, device, amp_dtype)
+                eval_sum, eval_count = dp.sum_floats(list(answer_loss_sums(model, dp.shard(eval_examples), pad_id, t.batch_size, device, amp_dtype)))
+                last_eval = eval_sum / max(eval_count, 1)
                 entry["eval_loss"] = round(last_eval, 5)
-            log.write(entry)
+            if log:
+                log.write(entry)
             if on_eval is not None and entry["eval_loss"] is not None:
                 on_eval(step, total_steps, last_eval)
             bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
             bar.update(1)
             if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint)
+                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
     if completed < total_steps:
         bar.close()
         if completed > start_step:
-            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint)
-        print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
+            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
+        if dp.is_main:
+            print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
+        dp.barrier()
         return TrainResult(None, completed, total_steps, last_loss, last_eval, interrupted=True)
     bar.close()
 
     wall = time.perf_counter() - started
+    if not dp.is_main:  # the main rank alone writes the adapter, once
+        dp.barrier()
+        return TrainResult(Path(t.output_dir), total_steps, total_steps, last_loss, last_eval, interrupted=False)
     entries = log.entries()
     training_args = {
         "config": cfg.to_dict(),
@@ -431,13 +495,21 @@ def train(
         "mean_tokens_per_s": round(sum(e["tokens_per_s"] for e in entries) / max(len(entries), 1), 1),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "device": device.type,
+        "data_parallel_processes": dp.world_size,
         "autocast": str(amp_dtype) if amp_dtype else "fp32",
+        "frozen_weights_dtype": str(frozen_dtype),
         "versions": _versions(),
     }
-    save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args})
+    if cfg.lora.method == "full":
+        save_full_model(model, tokenizer, t.output_dir, extra_json={"training_args.json": training_args})
+    else:
+        save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args},
+                     initial_adapter=initial_adapter)
     if t.loss_plot:
         plot_losses(entries, Path(t.loss_plot))
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
+    shutil.rmtree(run_dir / "initial_adapter", ignore_errors=True)
+    dp.barrier()
     if not quiet:
         eval_text = f"{last_eval:.4f}" if last_eval is not None else "-"
         print(f"saved adapter to {t.output_dir}/ (train loss {last_loss:.4f}, eval loss {eval_text}) in {wall:.0f} s")

@@ -228,51 +228,59 @@ def uses_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
     )
 
 
-def attach_lora(model: torch.nn.Module, settings: LoraSettings):
-    """Wrap `model` with PEFT LoRA on the configured (or discovered) target modules."""
-    from peft import LoraConfig, get_peft_model
+def attach_lora(model: torch.nn.Module, settings: LoraSettings, total_steps: int | None = None):
+    """Wrap `model` with the configured PEFT method (LoRA by default) on the configured (or
+    discovered) target modules; `lora.method=full` makes every weight trainable instead."""
+    from .peft_methods import attach
 
-    if settings.r < 1:
-        raise LoralabError(f"lora.r={settings.r}: must be at least 1")
-    if not 0 <= settings.dropout < 1:
-        raise LoralabError(f"lora.dropout={settings.dropout}: must be in [0, 1)")
-    targets = find_target_modules(model, settings.target_modules)
-    peft_config = LoraConfig(
-        r=settings.r,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=targets,
-        fan_in_fan_out=uses_conv1d(model, targets),  # GPT-2 Conv1D stores weights transposed
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config)
+    return attach(model, settings, total_steps)
 
 
 # --------------------------------------------------------------------------------------------
 # Adapters
 # --------------------------------------------------------------------------------------------
 
-def save_adapter(peft_model, out_dir: str | Path, base_name: str, extra_json: dict[str, dict] | None = None) -> None:
+def save_adapter(peft_model, out_dir: str | Path, base_name: str, extra_json: dict[str, dict] | None = None,
+                 initial_adapter: Path | None = None) -> None:
     """Write the adapter (safetensors, plus adapter_model.bin as the project spec names it) and any
-    extra JSON files into a staged directory, then swap it in: a kill never leaves half an adapter."""
-    from peft import get_peft_model_state_dict
+    extra JSON files into a staged directory, then swap it in: a kill never leaves half an adapter.
+    `initial_adapter` (PiSSA/OLoRA): convert into a plain LoRA adapter for the unmodified base."""
+    from safetensors.torch import load_file
 
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     with atomic_io.staged_dir(out_dir) as staged:
-        peft_model.save_pretrained(staged, safe_serialization=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-        torch.save(state, staged / "adapter_model.bin")
+        kwargs = {"path_initial_model_for_weight_conversion": str(initial_adapter)} if initial_adapter else {}
+        peft_model.save_pretrained(staged, safe_serialization=True, **kwargs)
+        torch.save(load_file(staged / "adapter_model.safetensors"), staged / "adapter_model.bin")  # the same tensors
         for name, content in (extra_json or {}).items():
             atomic_io.write_json(staged / name, content)
 
 
+def save_full_model(model, tokenizer, out_dir: str | Path, extra_json: dict[str, dict] | None = None) -> None:
+    """Full fine-tuning's result: a plain Hugging Face model directory, written atomically."""
+    with atomic_io.staged_dir(out_dir) as staged:
+        model.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        for name, content in (extra_json or {}).items():
+            atomic_io.write_json(staged / name, content)
+
+
+def is_full_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / "adapter_config.json").is_file()
+
+
 def load_adapter(base_model: torch.nn.Module, adapter_dir: str | Path, trainable: bool = False):
-    """Plain PEFT loading: exactly what a user without loralab would call."""
+    """Plain PEFT loading: exactly what a user without loralab would call. A full fine-tuned model
+    directory (lora.method=full) is loaded in place of the base instead."""
     from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     adapter_dir = Path(adapter_dir)
     atomic_io.recover_dir(adapter_dir)
+    if is_full_model_dir(adapter_dir):
+        tuned = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32)
+        return tuned.to(next(base_model.parameters()).device)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise LoralabError(f"{adapter_dir}: no adapter_config.json; train an adapter first (`loralab train`)")
     return PeftModel.from_pretrained(base_model, adapter_dir, is_trainable=trainable)

@@ -17,7 +17,8 @@ from .search_space import trial_config
 
 
 def adapter_megabytes(adapter_dir: str | Path) -> float:
-    files = list(Path(adapter_dir).glob("adapter_model.safetensors"))
+    """Size on disk of what a user ships: the adapter, or the whole model for lora.method=full."""
+    files = list(Path(adapter_dir).glob("adapter_model.safetensors")) or list(Path(adapter_dir).glob("model*.safetensors"))
     return round(sum(f.stat().st_size for f in files) / 2**20, 3)
 
 

@@ -1,6 +1,7 @@
 """The training loop on tiny random models: it learns, resumes exactly, and never half-writes."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -154,3 +155,33 @@ def test_batch_plan_is_deterministic_and_bucketed():
     assert sorted(first_epoch) == list(range(400))  # every example once per epoch
     spread = sum(max(lengths[i] for i in mb) - min(lengths[i] for i in mb) for step in plan for mb in step) / 240
     assert spread < 10  # random batches would spread ~50 tokens
+    unbucketed = plan_batches(lengths, 4, 2, 120, 3, bucket_factor=1)  # train.length_bucketing=false
+    spread = sum(max(lengths[i] for i in mb) - min(lengths[i] for i in mb) for step in unbucketed for mb in step) / 240
+    assert spread > 30
+
+
+def test_switched_off_techniques_and_bf16_frozen_weights_still_train(tiny_config):
+    """The ablation switches (benchmarks/train_throughput.py --ablation) give working runs; with bf16
+    frozen weights the adapter is still trained and saved in fp32."""
+    from loralab.fine_tune_lora import hold_frozen_weights_in, resolve_frozen_dtype
+
+    tiny_config.train.length_bucketing = False
+    tiny_config.train.answer_only_logits = False
+    tiny_config.model.precision = "bf16"
+    tiny_config.model.frozen_dtype = "bf16"
+    result = train(tiny_config, quiet=True)
+    assert result.final_eval_loss is not None and math.isfinite(result.final_train_loss)
+    adapter = _adapter(result.adapter_dir)
+    assert adapter and all(t.dtype == torch.float32 for t in adapter.values())
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    args = json.loads((Path(result.adapter_dir) / "training_args.json").read_text())
+    assert args["frozen_weights_dtype"] == "torch.bfloat16" and args["data_parallel_processes"] == 1
+
+    assert resolve_frozen_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_frozen_dtype("auto", None) == torch.float32
+    with pytest.raises(LoralabError, match="frozen_dtype"):
+        resolve_frozen_dtype("int8", None)
+    model = attach_lora(load_base_model(ModelConfig(name_or_path=tiny_config.model.name_or_path)).model, LoraSettings(r=2))
+    hold_frozen_weights_in(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}

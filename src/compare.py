@@ -1,0 +1,215 @@
+"""`loralab compare`: every fine-tuning method on the same data and example budget, each with its own
+learning rate, several seeds, measured once on the test split.
+
+1. Learning rate, per method: one run per candidate in `compare.learning_rates` (first seed), scored
+   by eval-split loss. The test split plays no part in this choice.
+2. Seeds: the chosen learning rate with every seed in `compare.seeds`; each adapter is measured on
+   the test split (answer perplexity, domain accuracy per task), with its trainable parameters, size
+   on disk, training tokens/s, peak RSS and wall time.
+Every run is in a fresh process (its peak memory is its own) and is recorded as soon as it ends;
+a killed compare skips finished runs when started again. Results: `compare.results_json`, a
+Markdown table and plots of quality against trainable parameters, memory and time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from . import atomic_io
+from .config import Config, LoraSettings
+from .data_preparation import prepare_dataset
+from .errors import LoralabError
+from .evaluation import evaluate_adapter
+from .peft_methods import METHODS, validate
+from .search_space import settings_digest, trial_config
+from .trials import run_trial
+
+
+def _budgeted(cfg: Config) -> Config:
+    """The compare budget expressed as the tuning budget that trial_config applies."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.tune.trial_examples = cfg.compare.train_examples
+    out.tune.trial_eval_examples = cfg.compare.eval_examples
+    return out
+
+
+def check(cfg: Config) -> None:
+    """Every bad method name or option fails here, before any training."""
+    cc = cfg.compare
+    if not cc.methods or not cc.seeds:
+        raise LoralabError("compare.methods and compare.seeds must not be empty")
+    for method in cc.methods:
+        validate(LoraSettings(method=method, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                              target_modules="auto" if method == "ia3" else cfg.lora.target_modules))
+        rates = cc.learning_rates.get(method)
+        if not rates or not all(isinstance(r, (int, float)) and r > 0 for r in rates):
+            raise LoralabError(f"compare.learning_rates.{method}: give a non-empty list of positive learning rates")
+    if cc.train_examples < 1 or cc.generation_per_task < 1:
+        raise LoralabError("compare.train_examples and compare.generation_per_task must be at least 1")
+
+
+def _params(method: str, lr: float, seed: int) -> dict:
+    params = {"lora.method": method, "train.learning_rate": lr, "train.seed": seed}
+    if method == "ia3":
+        params["lora.target_modules"] = "auto"
+    return params
+
+
+def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
+    """One training run (resumable), plus its test-split quality when test_generation > 0."""
+    adapter_args = run_root / "adapter" / "training_args.json"
+    record_path = run_root / "record.json"
+    if record_path.is_file() and adapter_args.is_file():
+        record = json.loads(record_path.read_text())
+    else:
+        record, _ = run_trial(cfg, params, run_root, reports=1, resume=True)
+        atomic_io.write_json(record_path, record)
+    if test_generation and "test" not in record:
+        trial_cfg = trial_config(cfg, params, run_root, 1)
+        quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
+        record["test"] = {"perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
+                          "per_task": {task: v["primary"] for task, v in quality["per_task"].items()}}
+        atomic_io.write_json(record_path, record)
+    return record
+
+
+def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_run, cfg, params, run_root, test_generation).result()
+
+
+def compare(cfg: Config) -> dict:
+    check(cfg)
+    cc = cfg.compare
+    card = prepare_dataset(cfg.data)
+    if not card["splits"]["eval"] or not card["splits"]["test"]:
+        raise LoralabError("compare needs non-empty eval and test splits: raise data.eval_fraction / data.test_fraction")
+    budget = _budgeted(cfg)
+    runs_total = sum(len(cc.learning_rates[m]) + len(cc.seeds) - 1 for m in cc.methods)
+    done_runs = 0
+    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test",
+                     "generation_per_task": cc.generation_per_task, "methods": {}}
+    for method in cc.methods:
+        search = []
+        for lr in cc.learning_rates[method]:
+            done_runs += 1
+            params = _params(method, lr, cc.seeds[0])
+            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
+            print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
+            record = _in_fresh_process(budget, params, root, 0)
+            search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
+        best_lr = min(search, key=lambda s: s["eval_loss"])["learning_rate"]
+        seeds = []
+        for seed in cc.seeds:
+            params = _params(method, best_lr, seed)
+            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
+            if seed != cc.seeds[0]:
+                done_runs += 1
+            print(f"[{done_runs}/{runs_total}] {method}: lr {best_lr:g}, seed {seed} (test split)", flush=True)
+            seeds.append({"seed": seed, **_in_fresh_process(budget, params, root, cc.generation_per_task)})
+        summary["methods"][method] = _aggregate(method, best_lr, search, seeds)
+        _write(cfg, summary)  # after every method: a killed compare keeps what it measured
+    return summary
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _aggregate(method: str, lr: float, search: list[dict], seeds: list[dict]) -> dict:
+    out = {"description": METHODS[method], "learning_rate": lr, "lr_search": search, "runs": seeds}
+    for key, getter in {
+        "test_perplexity": lambda r: r["test"]["perplexity"],
+        "domain_accuracy": lambda r: r["test"]["domain_accuracy"],
+        "eval_loss": lambda r: r["eval_loss"],
+        "tokens_per_s": lambda r: r["tokens_per_s"],
+        "peak_rss_mb": lambda r: r["peak_rss_mb"],
+        "wall_seconds": lambda r: r["wall_seconds"],
+    }.items():
+        out[key], out[key + "_sd"] = _mean_sd([getter(r) for r in seeds])
+    tasks = seeds[0]["test"]["per_task"]
+    out["per_task"] = {t: statistics.fmean(r["test"]["per_task"][t] for r in seeds) for t in tasks}
+    out["trainable_parameters"] = seeds[0]["trainable_parameters"]
+    out["adapter_mb"] = seeds[0]["adapter_mb"]
+    return out
+
+
+def _markdown(cfg: Config, summary: dict) -> str:
+    cc = cfg.compare
+    methods = summary["methods"]
+    tasks = sorted({t for m in methods.values() for t in m["per_task"]})
+    lines = [
+        "# Method comparison",
+        "",
+        f"Generated by `loralab compare`. Every method trains on the same {cc.train_examples} examples of the bundled "
+        f"training split with its own learning rate (chosen by eval-split loss among the listed candidates, seed "
+        f"{cc.seeds[0]}), then runs with seeds {', '.join(map(str, cc.seeds))}. Quality is on the test split: answer "
+        f"perplexity over all test examples, domain accuracy over {cc.generation_per_task} test questions per task. "
+        "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
+        "are on this machine's CPU.",
+        "",
+        "| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in sorted(methods.items(), key=lambda kv: kv[1]["test_perplexity"]):
+        lines.append(f"| {name} | {m['learning_rate']:g} | {m['test_perplexity']:.3f} ± {m['test_perplexity_sd']:.3f} | "
+                     f"{m['domain_accuracy']:.1f} ± {m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | "
+                     f"{m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | {m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
+    lines += ["", "Domain accuracy per task type (primary metric, %, mean over seeds):", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * m['per_task'].get(t, math.nan):.1f}" for t in tasks) + " |")
+    lines += ["", "Learning-rate search (eval-split loss, first seed):", ""]
+    for name, m in methods.items():
+        lines.append(f"- {name}: " + ", ".join(f"{s['learning_rate']:g} → {s['eval_loss']:.4f}" for s in m["lr_search"]))
+    rel = os.path.relpath(Path(cc.plots_dir).resolve() / "quality_tradeoffs.png", Path(cc.summary_md).resolve().parent)
+    return "\n".join(lines + ["", f"![quality trade-offs]({rel})", ""])
+
+
+def _plot(cfg: Config, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    panels = [("trainable_parameters", "trainable parameters", True), ("peak_rss_mb", "peak RSS while training (MB)", False),
+              ("wall_seconds", "training wall time (s)", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for row, (quality, label) in enumerate([("test_perplexity", "test answer perplexity (lower is better)"),
+                                            ("domain_accuracy", "test domain accuracy % (higher is better)")]):
+        for col, (cost, cost_label, log) in enumerate(panels):
+            ax = axes[row][col]
+            for name, m in methods.items():
+                ax.errorbar(m[cost], m[quality], yerr=m[quality + "_sd"], xerr=m.get(cost + "_sd", 0), fmt="o", capsize=3)
+                ax.annotate(name, (m[cost], m[quality]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlabel(cost_label)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"Methods on {summary['train_examples']} training examples, mean ± sd over seeds {summary['seeds']}")
+    fig.tight_layout()
+    atomic_io.save_figure(fig, Path(cfg.compare.plots_dir) / "quality_tradeoffs.png")
+    plt.close(fig)
+
+
+def _write(cfg: Config, summary: dict) -> None:
+    atomic_io.write_json(cfg.compare.results_json, summary)  # first: the measurements must survive a plotting error
+    _plot(cfg, summary)
+    atomic_io.write_text(cfg.compare.summary_md, _markdown(cfg, summary))
+
+
+if __name__ == "__main__":
+    from loralab.cli import main
+
+    sys.exit(main(["compare", *sys.argv[1:]]))

@@ -1,0 +1,63 @@
+"""`loralab compare` on a tiny random Llama: per-method learning-rate choice on the eval split,
+seeds measured on the test split, results that survive a re-run, and early errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loralab.compare import compare
+from loralab.errors import LoralabError
+
+
+def _configure(cfg, tmp_path: Path):
+    cc = cfg.compare
+    cc.methods = ["lora", "full"]
+    cc.seeds = [1, 2]
+    cc.learning_rates = {"lora": [1e-4, 2e-2], "full": [1e-4]}
+    cc.train_examples = 8
+    cc.eval_examples = 4
+    cc.generation_per_task = 1
+    cc.runs_dir = str(tmp_path / "runs")
+    cc.results_json = str(tmp_path / "cmp.json")
+    cc.summary_md = str(tmp_path / "cmp.md")
+    cc.plots_dir = str(tmp_path / "plots")
+    cfg.eval.max_new_tokens = 4
+    return cfg
+
+
+def test_compare_chooses_lr_per_method_and_measures_seeds_on_test(tiny_config, tmp_path):
+    cfg = _configure(tiny_config, tmp_path)
+    summary = compare(cfg)
+    assert set(summary["methods"]) == {"lora", "full"}
+    lora = summary["methods"]["lora"]
+    assert lora["learning_rate"] == min(lora["lr_search"], key=lambda s: s["eval_loss"])["learning_rate"]
+    assert [r["seed"] for r in lora["runs"]] == [1, 2]
+    assert all(r["test"]["perplexity"] > 1 for r in lora["runs"])
+    assert lora["runs"][0]["params"] != lora["runs"][1]["params"]  # the seeds really differ
+    assert summary["methods"]["full"]["trainable_parameters"] > 10 * lora["trainable_parameters"]
+    assert json.loads(Path(cfg.compare.results_json).read_text())["methods"].keys() == summary["methods"].keys()
+    table = Path(cfg.compare.summary_md).read_text()
+    assert "| lora |" in table and "| full |" in table
+    assert (Path(cfg.compare.plots_dir) / "quality_tradeoffs.png").stat().st_size > 10_000
+
+    records = sorted(Path(cfg.compare.runs_dir).glob("*/record.json"))
+    assert len(records) == 5  # lora: 2 lrs (the best one reused for seed 1) + seed 2; full: 1 + seed 2
+    stamps = [p.stat().st_mtime_ns for p in records]
+    again = compare(cfg)  # finished runs are reused, not retrained
+    assert [p.stat().st_mtime_ns for p in records] == stamps
+    assert again["methods"]["lora"]["test_perplexity"] == lora["test_perplexity"]
+
+
+def test_compare_refuses_bad_methods_before_training(tiny_config, tmp_path):
+    cfg = _configure(tiny_config, tmp_path)
+    cfg.compare.methods = ["lora", "superlora"]
+    with pytest.raises(LoralabError, match="lora.method='superlora'"):
+        compare(cfg)
+    cfg.compare.methods = ["lora"]
+    cfg.compare.learning_rates = {"lora": []}
+    with pytest.raises(LoralabError, match="compare.learning_rates.lora"):
+        compare(cfg)
+    assert not Path(cfg.compare.runs_dir).exists()

@@ -1,0 +1,81 @@
+"""Every `lora.method` trains on a tiny random Llama, saves something plain PEFT / transformers loads,
+and bad method options fail before any training."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from loralab.config import LoraSettings
+from loralab.errors import LoralabError
+from loralab.fine_tune_lora import train
+from loralab.model_utils import is_full_model_dir, load_adapter, load_base_model
+from loralab.peft_methods import METHODS, validate
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_trains_and_reloads(method, tiny_config):
+    tiny_config.lora.method = method
+    tiny_config.lora.dropout = 0.0
+    tiny_config.train.max_steps = 8
+    tiny_config.train.save_every = 0
+    result = train(tiny_config, quiet=True)
+    out = Path(result.adapter_dir)
+    assert result.final_train_loss is not None and torch.isfinite(torch.tensor(result.final_train_loss))
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["config"]["lora"]["method"] == method
+    assert is_full_model_dir(out) == (method == "full")
+
+    base = load_base_model(tiny_config.model).model
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        tuned = load_adapter(base, out).eval()
+        after = tuned(input_ids=ids).logits
+    assert not torch.allclose(before, after, atol=1e-6)  # training changed the model's outputs
+
+
+@pytest.mark.parametrize("method", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_are_converted_for_the_untouched_base(method, tiny_config, tmp_path):
+    """PiSSA/OLoRA train on a modified base; the saved adapter must reproduce the trained model on the
+    original base (PEFT's conversion to a rank-2r LoRA), since that base is what users load."""
+    from loralab.model_utils import attach_lora, save_adapter
+    from loralab.peft_methods import save_initial_adapter
+
+    settings = LoraSettings(method=method, r=4, alpha=8, dropout=0.0)
+    model = attach_lora(load_base_model(tiny_config.model).model, settings)
+    initial = save_initial_adapter(model, settings, tmp_path / "initial")
+    with torch.no_grad():  # stand-in for training: move every adapter weight
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+    save_adapter(model, tmp_path / "adapter", "tiny", initial_adapter=initial)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True
+    with torch.no_grad():
+        reloaded = load_adapter(load_base_model(tiny_config.model).model, tmp_path / "adapter").eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (LoraSettings(method="qlora-magic"), "lora.method='qlora-magic'"),
+    (LoraSettings(method="lora", loraplus_lr_ratio=8.0), "applies only to lora.method=loraplus"),
+    (LoraSettings(method="dora", adalora_init_r=12), "applies only to lora.method=adalora"),
+    (LoraSettings(method="ia3", target_modules=["q_proj"]), "ia3 only as auto"),
+])
+def test_bad_method_options_fail_clearly(settings, message):
+    with pytest.raises(LoralabError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(settings)
+
+
+def test_bad_method_fails_before_training(tiny_config):
+    tiny_config.lora.method = "nope"
+    with pytest.raises(LoralabError, match="expected one of lora, rslora"):
+        train(tiny_config, quiet=True)
+    assert not Path(tiny_config.train.output_dir).exists()
