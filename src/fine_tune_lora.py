@@ -330,7 +330,7 @@ def train(
     dp = setup_data_parallel(resolve_device(cfg.model.device))
     device = dp.device
     quiet = quiet or not dp.is_main
-    torch.manual_seed(t.seed + dp.rank)  # LoRA dropout masks differ across ranks, as across examples
+    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
     amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
     frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, amp_dtype)
     with dp.main_first():  # the first load may convert the bundled GGUF into the shared cache
@@ -347,6 +347,8 @@ def train(
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
     model = attach_lora(loaded.model, cfg.lora, total_steps)
     hold_frozen_weights_in(model, frozen_dtype)
+    if dp.active:  # from here on the RNG only draws dropout masks: different on each rank, as across examples
+        torch.manual_seed(t.seed * 1_000_003 + dp.rank)
     if cfg.model.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:

@@ -69,10 +69,10 @@ def test_two_processes_match_one_and_resume_exactly(tiny_config, tmp_path):
     _finish(_launch("accelerate", config))
     two_losses = _losses(tmp_path / "accelerate_run")
     assert len(two_losses) == STEPS
-    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(single_losses), rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(single_losses), rtol=2e-4, atol=1e-5)
     reference = load_file(tmp_path / "accelerate_lora" / "adapter_model.safetensors")
     for key in single_adapter:
-        torch.testing.assert_close(reference[key], single_adapter[key], rtol=2e-2, atol=1e-3)
+        torch.testing.assert_close(reference[key], single_adapter[key], rtol=1e-3, atol=1e-5)
     log_lines = (tmp_path / "accelerate_log.txt").read_text().splitlines()
     assert len(log_lines) == 2 + STEPS  # one header, one row per step: rank 1 wrote nothing
     args = json.loads((tmp_path / "accelerate_lora" / "training_args.json").read_text())
