@@ -79,3 +79,27 @@ def test_bad_method_fails_before_training(tiny_config):
     with pytest.raises(LoralabError, match="expected one of lora, rslora"):
         train(tiny_config, quiet=True)
     assert not Path(tiny_config.train.output_dir).exists()
+
+
+def test_adalora_after_rank_reallocation_reloads_exactly(tiny_config, tmp_path):
+    """AdaLoRA prunes ranks while training and saves a rank pattern; plain PEFT loading must give
+    back the trained model (PEFT warns about the pattern's keys, but the weights carry the pruning)."""
+    from loralab import peft_methods
+    from loralab.model_utils import attach_lora, save_adapter
+
+    settings = LoraSettings(method="adalora", r=2, alpha=4, dropout=0.0)
+    model = attach_lora(load_base_model(tiny_config.model).model, settings, 20)
+    optimizer = peft_methods.make_optimizer(model, settings, 1e-2, 0.0)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    for step in range(1, 21):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        peft_methods.after_optimizer_step(model, settings, step)
+        optimizer.zero_grad()
+    assert model.peft_config["default"].rank_pattern  # ranks were reallocated
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+    save_adapter(model, tmp_path / "adalora", "tiny")
+    with torch.no_grad():
+        reloaded = load_adapter(load_base_model(tiny_config.model).model, tmp_path / "adalora").eval()(input_ids=ids).logits
+    torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-5)
