@@ -27,6 +27,7 @@ from .config import Config, LoraSettings
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
 from .evaluation import evaluate_adapter
+from .model_utils import quantization_config
 from .peft_methods import METHODS, validate
 from .search_space import settings_digest, trial_config
 from .trials import run_trial
@@ -47,18 +48,31 @@ def check(cfg: Config) -> None:
     cc = cfg.compare
     if not cc.methods or not cc.seeds:
         raise LoralabError("compare.methods and compare.seeds must not be empty")
-    for method in cc.methods:
+    for entry in cc.methods:
+        method, quantized = split_entry(entry)
         validate(LoraSettings(method=method, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
                               target_modules="auto" if method == "ia3" else cfg.lora.target_modules))
-        rates = cc.learning_rates.get(method)
+        quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
+        if method == "full" and quantized != "none":
+            raise LoralabError(f"compare.methods: {entry}: full fine-tuning cannot train a quantized base")
+        rates = cc.learning_rates.get(entry, cc.learning_rates.get(method))
         if not rates or not all(isinstance(r, (int, float)) and r > 0 for r in rates):
             raise LoralabError(f"compare.learning_rates.{method}: give a non-empty list of positive learning rates")
     if cc.train_examples < 1 or cc.generation_per_task < 1:
         raise LoralabError("compare.train_examples and compare.generation_per_task must be at least 1")
 
 
-def _params(method: str, lr: float, seed: int) -> dict:
+def split_entry(entry: str) -> tuple[str, str]:
+    """A compare entry is a method, optionally on a quantized base: "lora", "lora@nf4", "dora@int8"."""
+    method, _, quantized = entry.partition("@")
+    return method, quantized or "none"
+
+
+def _params(entry: str, lr: float, seed: int) -> dict:
+    method, quantized = split_entry(entry)
     params = {"lora.method": method, "train.learning_rate": lr, "train.seed": seed}
+    if quantized != "none":
+        params["model.quantize_base"] = quantized
     if method == "ia3":
         params["lora.target_modules"] = "auto"
     return params
@@ -94,13 +108,14 @@ def compare(cfg: Config) -> dict:
     if not card["splits"]["eval"] or not card["splits"]["test"]:
         raise LoralabError("compare needs non-empty eval and test splits: raise data.eval_fraction / data.test_fraction")
     budget = _budgeted(cfg)
-    runs_total = sum(len(cc.learning_rates[m]) + len(cc.seeds) - 1 for m in cc.methods)
+    rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
+    runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
     done_runs = 0
     summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test",
                      "generation_per_task": cc.generation_per_task, "methods": {}}
-    for method in cc.methods:
+    for method in cc.methods:  # a method, or method@quantized-base
         search = []
-        for lr in cc.learning_rates[method]:
+        for lr in rates[method]:
             done_runs += 1
             params = _params(method, lr, cc.seeds[0])
             root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
@@ -125,8 +140,10 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _aggregate(method: str, lr: float, search: list[dict], seeds: list[dict]) -> dict:
-    out = {"description": METHODS[method], "learning_rate": lr, "lr_search": search, "runs": seeds}
+def _aggregate(entry: str, lr: float, search: list[dict], seeds: list[dict]) -> dict:
+    method, quantized = split_entry(entry)
+    description = METHODS[method] + ("" if quantized == "none" else f", base held in {quantized} (bitsandbytes)")
+    out = {"description": description, "learning_rate": lr, "lr_search": search, "runs": seeds}
     for key, getter in {
         "test_perplexity": lambda r: r["test"]["perplexity"],
         "domain_accuracy": lambda r: r["test"]["domain_accuracy"],

@@ -56,6 +56,9 @@ class ModelConfig:
     # dtype of the frozen base weights while training: auto (bf16 when autocast is bf16), bf16, fp32.
     # The adapter and its optimizer state stay fp32 whatever this says.
     frozen_dtype: str = "auto"
+    # none | int8 | nf4: hold the frozen base quantized with bitsandbytes and train LoRA on top
+    # (QLoRA with nf4). Needs `pip install bitsandbytes==0.50.2` (its CPU backend trains on this machine).
+    quantize_base: str = "none"
     gradient_checkpointing: bool = False
 
 
@@ -198,9 +201,11 @@ class ExportConfig:
 class CompareConfig:
     """`loralab compare`: each method, the same data and example budget, its own learning rate."""
 
-    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "olora", "loraplus", "adalora", "ia3", "full"])
+    # A method, or method@int8 / method@nf4 for a base held quantized by bitsandbytes (QLoRA).
+    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "olora", "loraplus", "adalora", "ia3",
+                                                        "full", "lora@int8", "lora@nf4"])
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
-    # Per method, the learning rates tried (one seed each, scored on the eval split); the best is used
+    # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried (one seed each, scored on the eval split); the best is used
     # for every seed. Methods differ by orders of magnitude here, so one shared lr would be unfair.
     learning_rates: dict[str, list[float]] = field(default_factory=lambda: {
         "lora": [1e-3, 3e-3, 1e-2], "rslora": [3e-4, 1e-3, 3e-3], "dora": [1e-3, 3e-3, 1e-2],

@@ -211,6 +211,8 @@ def hold_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
 def resolve_frozen_dtype(setting: str, amp_dtype: torch.dtype | None) -> torch.dtype:
     if setting == "auto":
         return amp_dtype if amp_dtype == torch.bfloat16 else torch.float32
+    if setting == "bf16" and amp_dtype != torch.bfloat16:  # fp32 activations cannot meet bf16 weights
+        raise LoralabError("model.frozen_dtype=bf16 needs bf16 autocast: set model.precision=bf16 (or auto on a bf16 CPU/GPU)")
     if setting in ("bf16", "fp32"):
         return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
     raise LoralabError(f"model.frozen_dtype={setting!r}: expected auto, bf16 or fp32")
@@ -324,6 +326,8 @@ def train(
     if t.learning_rate <= 0:
         raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
     peft_methods.validate(cfg.lora)
+    if cfg.lora.method == "full" and cfg.model.quantize_base != "none":
+        raise LoralabError(f"lora.method=full trains every weight and cannot use model.quantize_base={cfg.model.quantize_base}")
     train_rows = load_split(cfg.data.out_dir, "train")
     eval_rows = load_split(cfg.data.out_dir, "eval")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -161,17 +162,45 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
+QUANTIZED_BASES = ("none", "int8", "nf4")
+
+
+def quantization_config(kind: str):
+    """bitsandbytes settings for model.quantize_base; a missing backend fails here, before loading."""
+    if kind not in QUANTIZED_BASES:
+        raise LoralabError(f"model.quantize_base={kind!r}: expected one of {', '.join(QUANTIZED_BASES)}")
+    if kind == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoralabError(f"model.quantize_base={kind} needs bitsandbytes, which is not installed: "
+                           "pip install bitsandbytes==0.50.2")
+    from transformers import BitsAndBytesConfig
+
+    # bitsandbytes logs at import that an optional faster CPU kernel package is absent; it works without.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if kind == "nf4":  # the QLoRA paper's settings
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
 def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
+    quantization = quantization_config(cfg.quantize_base)
     model_dir, base_name = resolve_model_dir(cfg)
     device = device or resolve_device(cfg.device)
     started = time.perf_counter()
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if quantization is None:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        else:  # bitsandbytes places the quantized weights itself
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization,
+                                                         device_map={"": device.type if device.type == "cpu" else device.index or 0})
     except Exception as exc:  # noqa: BLE001
         raise LoralabError(f"{model_dir}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None
-    model.to(device)
+    if quantization is None:
+        model.to(device)
     tokenizer = load_tokenizer(model_dir)
     model.config.loralab_load_seconds = round(time.perf_counter() - started, 3)
     return LoadedModel(model=model, tokenizer=tokenizer, base_name=base_name, local_dir=model_dir)

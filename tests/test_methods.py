@@ -103,3 +103,45 @@ def test_adalora_after_rank_reallocation_reloads_exactly(tiny_config, tmp_path):
     with torch.no_grad():
         reloaded = load_adapter(load_base_model(tiny_config.model).model, tmp_path / "adalora").eval()(input_ids=ids).logits
     torch.testing.assert_close(reloaded, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_quantized_base_options_fail_clearly(monkeypatch, tiny_config):
+    import importlib.util
+
+    from loralab.model_utils import quantization_config
+
+    assert quantization_config("none") is None
+    with pytest.raises(LoralabError, match="model.quantize_base='fp3'"):
+        quantization_config("fp3")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(LoralabError, match="needs bitsandbytes, which is not installed"):
+        quantization_config("nf4")
+    tiny_config.lora.method = "full"
+    tiny_config.model.quantize_base = "nf4"
+    with pytest.raises(LoralabError, match="cannot use model.quantize_base=nf4"):
+        train(tiny_config, quiet=True)
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_lora_on_a_quantized_base_trains(kind, tiny_config, smol_tokenizer, tmp_path):
+    """QLoRA on this CPU: bitsandbytes holds the frozen base in 8 or 4 bits, LoRA trains on top.
+    (Its 4-bit CPU kernel needs every projection at least 64 wide, hence this slightly wider model.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    wide = LlamaConfig(vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True,
+                       pad_token_id=smol_tokenizer.pad_token_id, eos_token_id=smol_tokenizer.eos_token_id)
+    LlamaForCausalLM(wide).save_pretrained(tmp_path / "wide")
+    smol_tokenizer.save_pretrained(tmp_path / "wide")
+    tiny_config.model.name_or_path = str(tmp_path / "wide")
+    tiny_config.model.quantize_base = kind
+    tiny_config.model.precision = "bf16"
+    tiny_config.train.max_steps = 4
+    tiny_config.train.save_every = 0
+    result = train(tiny_config, quiet=True)
+    config = json.loads((Path(result.adapter_dir) / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and torch.isfinite(torch.tensor(result.final_train_loss))
+    quantized = load_base_model(tiny_config.model).model
+    assert type(quantized.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")

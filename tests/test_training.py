@@ -181,6 +181,8 @@ def test_switched_off_techniques_and_bf16_frozen_weights_still_train(tiny_config
     assert resolve_frozen_dtype("auto", None) == torch.float32
     with pytest.raises(LoralabError, match="frozen_dtype"):
         resolve_frozen_dtype("int8", None)
+    with pytest.raises(LoralabError, match="needs bf16 autocast"):
+        resolve_frozen_dtype("bf16", None)
     model = attach_lora(load_base_model(ModelConfig(name_or_path=tiny_config.model.name_or_path)).model, LoraSettings(r=2))
     hold_frozen_weights_in(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
