@@ -21,6 +21,10 @@ from pathlib import Path
 
 import torch
 
+# PEFT imports bitsandbytes when it is installed, and bitsandbytes then logs that an optional faster
+# CPU kernel package (`kernels`) is absent. It works without it; the line only alarms users.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
 from . import atomic_io
 from .config import LoraSettings, ModelConfig
 from .errors import LoralabError
@@ -176,8 +180,6 @@ def quantization_config(kind: str):
                            "pip install bitsandbytes==0.50.2")
     from transformers import BitsAndBytesConfig
 
-    # bitsandbytes logs at import that an optional faster CPU kernel package is absent; it works without.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if kind == "nf4":  # the QLoRA paper's settings
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.bfloat16)
