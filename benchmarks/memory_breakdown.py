@@ -16,7 +16,10 @@ Measured per point, exactly, from the tensors themselves:
   gradients       bytes of the adapter's .grad after backward
   optimizer       bytes of AdamW's state after the step
 and the process's peak RSS (ru_maxrss); "other" = peak RSS - the four, i.e. the Python/torch
-runtime, libraries and transient buffers (e.g. logits, attention temporaries).
+runtime, libraries and transient buffers (e.g. logits, attention temporaries). Caveats: with fp32
+frozen weights, autocast's bf16 copies of the weights are saved for backward and so counted under
+activations (about 255 MB here); gradients and optimizer state exist only after the activations are
+freed, so "other" is slightly understated (by their size, 10 MB at r=8).
 Results: benchmarks/results/memory_breakdown.json, plot experiments/plots/memory_breakdown.png.
 """
 

@@ -138,7 +138,7 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
     args = json.loads((tmp / "lora" / "training_args.json").read_text())
     steps = [json.loads(line) for line in (tmp / "run" / "log.jsonl").read_text().splitlines()]
     loaded = load_base_model(cfg.model, torch.device("cpu"))
-    model = load_adapter(loaded.model, tmp / "lora")
+    model = load_adapter(loaded.model, tmp / "lora", trainable=True)  # trainable: _workload counts the adapter's parameters
     train_examples = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
     # tokens/s of the steps after the first three (torch.compile compiles during the first ones)
     steady = sorted(s["tokens_per_s"] for s in steps[3:]) or [0.0]

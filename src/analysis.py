@@ -74,7 +74,8 @@ def _memory(data: dict | None, md_dir: Path, root: Path) -> list[str]:
         f"Command: `{data['command']}`. One training step per point, each in a fresh process, one factor at a time "
         f"around {data['default']}. Weights, activations (storages autograd saved for backward), gradients and "
         "optimizer state are exact tensor sizes; peak RSS is the process's; other = peak RSS minus those four "
-        "(Python and torch runtime, libraries, transient buffers).",
+        "(Python and torch runtime, libraries, transient buffers). With fp32 frozen weights, autocast's bf16 weight "
+        "copies are saved for backward and counted as activations.",
         "",
         "| factor | value | weights MB | activations MB | gradients MB | optimizer MB | other MB | peak RSS MB |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -97,10 +98,14 @@ def _sensitivity(data: dict | None, md_dir: Path, root: Path) -> list[str]:
     for factor in dict.fromkeys(p["factor"] for p in data["points"]):
         points = sorted((p for p in data["points"] if p["factor"] == factor), key=lambda p: p["eval_perplexity"])
         best, worst = points[0], points[-1]
-        lines.append(f"| `{factor}` | {best['resolved']:g} | {best['eval_perplexity']:.2f} | {best['domain_accuracy']:.1f} ± "
-                     f"{best['domain_accuracy_se']:.1f} | {worst['resolved']:g} | {worst['eval_perplexity']:.2f} | "
+        lines.append(f"| `{factor}` | {_value(best['resolved'])} | {best['eval_perplexity']:.2f} | {best['domain_accuracy']:.1f} ± "
+                     f"{best['domain_accuracy_se']:.1f} | {_value(worst['resolved'])} | {worst['eval_perplexity']:.2f} | "
                      f"{worst['domain_accuracy']:.1f} ± {worst['domain_accuracy_se']:.1f} |")
     return lines + ["", f"![sensitivity]({plot})", ""]
+
+
+def _value(value) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
 def _tuning(data: dict | None) -> list[str]:

@@ -50,11 +50,15 @@ def check(cfg: Config) -> None:
         raise LoralabError("compare.methods and compare.seeds must not be empty")
     for entry in cc.methods:
         method, quantized = split_entry(entry)
-        validate(LoraSettings(method=method, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                              target_modules="auto" if method == "ia3" else cfg.lora.target_modules))
-        quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
-        if method == "full" and quantized != "none":
-            raise LoralabError(f"compare.methods: {entry}: full fine-tuning cannot train a quantized base")
+        trial = trial_config(_budgeted(cfg), _params(cfg, entry, 1e-3, cc.seeds[0]), Path("."), 1)  # what will run
+        try:
+            validate(trial.lora, quantized)
+            quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
+        except LoralabError as exc:
+            raise LoralabError(f"compare.methods: {entry}: {exc}") from None
+        if method == "adalora" and trial.train.max_steps < 5:
+            raise LoralabError(f"compare.methods: adalora needs at least 5 steps; compare.train_examples="
+                               f"{cc.train_examples} at batch {trial.train.batch_size} gives {trial.train.max_steps}")
         rates = cc.learning_rates.get(entry, cc.learning_rates.get(method))
         if not rates or not all(isinstance(r, (int, float)) and r > 0 for r in rates):
             raise LoralabError(f"compare.learning_rates.{method}: give a non-empty list of positive learning rates")
@@ -68,9 +72,14 @@ def split_entry(entry: str) -> tuple[str, str]:
     return method, quantized or "none"
 
 
-def _params(entry: str, lr: float, seed: int) -> dict:
+def _params(cfg: Config, entry: str, lr: float, seed: int) -> dict:
     method, quantized = split_entry(entry)
     params = {"lora.method": method, "train.learning_rate": lr, "train.seed": seed}
+    # Options of one method stay with it: a config's loraplus_lr_ratio must not reach the other methods.
+    if method != "loraplus" and cfg.lora.loraplus_lr_ratio is not None:
+        params["lora.loraplus_lr_ratio"] = None
+    if method != "adalora" and cfg.lora.adalora_init_r is not None:
+        params["lora.adalora_init_r"] = None
     if quantized != "none":
         params["model.quantize_base"] = quantized
     if method == "ia3":
@@ -117,15 +126,18 @@ def compare(cfg: Config) -> dict:
         search = []
         for lr in rates[method]:
             done_runs += 1
-            params = _params(method, lr, cc.seeds[0])
+            params = _params(cfg, method, lr, cc.seeds[0])
             root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
             print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
             record = _in_fresh_process(budget, params, root, 0)
             search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
-        best_lr = min(search, key=lambda s: s["eval_loss"])["learning_rate"]
+        finite = [s for s in search if math.isfinite(s["eval_loss"])]  # a diverged candidate (NaN) never wins
+        if not finite:
+            raise LoralabError(f"{method}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
+        best_lr = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
         seeds = []
         for seed in cc.seeds:
-            params = _params(method, best_lr, seed)
+            params = _params(cfg, method, best_lr, seed)
             root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
             if seed != cc.seeds[0]:
                 done_runs += 1

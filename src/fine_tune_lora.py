@@ -298,6 +298,7 @@ def resume_fingerprint(cfg: Config, world_size: int) -> dict:
         "world_size": world_size,  # batch_size is per process: another world size is another batch plan
         "length_bucketing": t.length_bucketing,
         "model": cfg.model.name_or_path,
+        "numerics": {k: getattr(cfg.model, k) for k in ("precision", "frozen_dtype", "quantize_base")},
         "lora": dataclasses.asdict(cfg.lora),
         "train": {k: getattr(t, k) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size",
                                               "gradient_accumulation", "epochs", "max_steps", "max_length", "seed")},
@@ -325,16 +326,13 @@ def train(
         raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
     if t.learning_rate <= 0:
         raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
-    peft_methods.validate(cfg.lora)
-    if cfg.lora.method == "full" and cfg.model.quantize_base != "none":
-        raise LoralabError(f"lora.method=full trains every weight and cannot use model.quantize_base={cfg.model.quantize_base}")
+    peft_methods.validate(cfg.lora, cfg.model.quantize_base)
     train_rows = load_split(cfg.data.out_dir, "train")
     eval_rows = load_split(cfg.data.out_dir, "eval")
 
     dp = setup_data_parallel(resolve_device(cfg.model.device))
     device = dp.device
     quiet = quiet or not dp.is_main
-    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
     amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
     frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, amp_dtype)
     with dp.main_first():  # the first load may convert the bundled GGUF into the shared cache
@@ -349,14 +347,15 @@ def train(
     global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
     per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
     model = attach_lora(loaded.model, cfg.lora, total_steps)
     hold_frozen_weights_in(model, frozen_dtype)
     if dp.active:  # from here on the RNG only draws dropout masks: different on each rank, as across examples
         torch.manual_seed(t.seed * 1_000_003 + dp.rank)
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # lora.method=full has no wrapper
     if cfg.model.gradient_checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if t.compile:
-        lm = model.get_base_model()
         getattr(lm, lm.base_model_prefix).compile(dynamic=True)
     answer_nll = answer_nll_fast if t.answer_only_logits else answer_nll_plain
     model.train()
@@ -374,7 +373,16 @@ def train(
         raise LoralabError(f"train.lr_scheduler={t.lr_scheduler!r}: {exc}") from None
 
     run_dir = Path(t.run_dir)
+    # PiSSA/OLoRA: the adapter as initialised, before any checkpoint overwrites it (the conversion on save needs it).
+    initial_adapter = peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter") if dp.is_main else None
     start_step = 0
+    if resume and cfg.lora.method == "adalora" and _checkpoints(run_dir):
+        # AdaLoRA's rank allocator keeps running importance scores that PEFT cannot save, so a resumed
+        # run would allocate ranks differently from an uninterrupted one: start again instead.
+        if dp.is_main:
+            print("lora.method=adalora cannot resume exactly (its rank allocator state is not checkpointed): "
+                  "training again from step 0", file=sys.stderr)
+        resume = False
     if resume:
         state = dp.broadcast(load_latest_checkpoint(run_dir) if dp.is_main else None)  # one reader, even across nodes
         if state is None and run_dir.exists() and dp.is_main:
@@ -396,7 +404,6 @@ def train(
         shutil.rmtree(run_dir / "checkpoints")  # a fresh run must not resume stale state later
     dp.barrier()
     log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None
-    initial_adapter = peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter") if dp.is_main else None
 
     pad_id = tokenizer.pad_token_id
     if not quiet:

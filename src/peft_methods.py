@@ -30,7 +30,7 @@ LORA_FAMILY = {"lora", "rslora", "dora", "pissa", "olora", "loraplus"}
 ADALORA_ORTH_REG_WEIGHT = 0.5  # PEFT's default
 
 
-def validate(settings: LoraSettings) -> None:
+def validate(settings: LoraSettings, quantize_base: str = "none") -> None:
     """Unknown methods and options that do not apply fail here, before any model is loaded."""
     if settings.method not in METHODS:
         raise LoralabError(f"lora.method={settings.method!r}: expected one of {', '.join(METHODS)}")
@@ -38,12 +38,16 @@ def validate(settings: LoraSettings) -> None:
         raise LoralabError(f"lora.loraplus_lr_ratio applies only to lora.method=loraplus (method is {settings.method})")
     if settings.adalora_init_r is not None and settings.method != "adalora":
         raise LoralabError(f"lora.adalora_init_r applies only to lora.method=adalora (method is {settings.method})")
+    if settings.adalora_init_r is not None and settings.adalora_init_r <= settings.r:
+        raise LoralabError(f"lora.adalora_init_r={settings.adalora_init_r} must exceed lora.r={settings.r} (AdaLoRA prunes from it down to r)")
     if settings.method == "ia3" and settings.target_modules != "auto":
         raise LoralabError("lora.target_modules applies to lora.method=ia3 only as auto (PEFT's (IA)3 modules for the architecture)")
     if settings.method in LORA_FAMILY | {"adalora"} and settings.r < 1:
         raise LoralabError(f"lora.r={settings.r}: must be at least 1")
     if not 0 <= settings.dropout < 1:
         raise LoralabError(f"lora.dropout={settings.dropout}: must be in [0, 1)")
+    if quantize_base != "none" and settings.method in ("pissa", "olora", "full"):
+        raise LoralabError(f"lora.method={settings.method} changes the base weights, so it cannot use model.quantize_base={quantize_base}")
 
 
 def peft_config(model: torch.nn.Module, settings: LoraSettings, total_steps: int | None):
@@ -85,7 +89,9 @@ def make_optimizer(model: torch.nn.Module, settings: LoraSettings, lr: float, we
         from peft.optimizers import create_loraplus_optimizer
 
         ratio = settings.loraplus_lr_ratio if settings.loraplus_lr_ratio is not None else 16.0  # the paper's default
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio, weight_decay=weight_decay)
+        # PEFT puts loraplus_weight_decay (default 0) on every group, overriding weight_decay.
+        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                         weight_decay=weight_decay, loraplus_weight_decay=weight_decay)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
 
 

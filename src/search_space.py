@@ -119,8 +119,16 @@ def trial_config(cfg: Config, params: dict[str, Any], run_root: Path, reports: i
     return trial
 
 
+NUMERICS_DEFAULTS = {"quantize_base": "none", "frozen_dtype": "auto", "precision": "auto"}
+
+
 def settings_digest(cfg: Config) -> str:
     """Names a run directory by what was trained, so a re-run resumes only its own checkpoint."""
     key = {"lora": cfg.to_dict()["lora"], "train": {k: v for k, v in cfg.to_dict()["train"].items() if not k.endswith(("_dir", "_file", "_plot"))},
            "model": cfg.model.name_or_path, "data": cfg.data.out_dir}
+    # Numerics settings enter the name only when they differ from the defaults, so the run directories
+    # (and resumable sweeps) of default-precision runs keep their names.
+    numerics = {k: getattr(cfg.model, k) for k, default in NUMERICS_DEFAULTS.items() if getattr(cfg.model, k) != default}
+    if numerics:
+        key["model_numerics"] = numerics
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]

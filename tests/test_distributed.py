@@ -78,7 +78,11 @@ def test_two_processes_match_one_and_resume_exactly(tiny_config, tmp_path):
     args = json.loads((tmp_path / "accelerate_lora" / "training_args.json").read_text())
     assert args["data_parallel_processes"] == 2 and args["config"]["train"]["batch_size"] == 2
 
-    # torchrun, SIGTERM after the first checkpoint, then --resume: the same adapter, bit for bit
+    # torchrun with LoRA dropout (each rank draws its own masks, so each rank's RNG must be restored):
+    # SIGTERM after the first checkpoint, then --resume, gives the uninterrupted run's adapter bit for bit.
+    tiny_config.lora.dropout = 0.1
+    _finish(_launch("torchrun", _config_file(tiny_config, tmp_path, "reference", save_every=0)))
+    reference = load_file(tmp_path / "reference_lora" / "adapter_model.safetensors")
     config = _config_file(tiny_config, tmp_path, "torchrun", save_every=1)
     run_dir = tmp_path / "torchrun_run"
     process = _launch("torchrun", config)

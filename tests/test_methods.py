@@ -11,7 +11,8 @@ import torch
 
 from loralab.config import LoraSettings
 from loralab.errors import LoralabError
-from loralab.fine_tune_lora import train
+from loralab.data_preparation import load_split
+from loralab.fine_tune_lora import encode_rows, mean_answer_loss, train
 from loralab.model_utils import is_full_model_dir, load_adapter, load_base_model
 from loralab.peft_methods import METHODS, validate
 
@@ -29,13 +30,18 @@ def test_each_method_trains_and_reloads(method, tiny_config):
     assert args["config"]["lora"]["method"] == method
     assert is_full_model_dir(out) == (method == "full")
 
-    base = load_base_model(tiny_config.model).model
+    loaded = load_base_model(tiny_config.model)
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
     with torch.no_grad():
-        before = base(input_ids=ids).logits
-        tuned = load_adapter(base, out).eval()
+        before = loaded.model(input_ids=ids).logits
+        tuned = load_adapter(loaded.model, out).eval()
         after = tuned(input_ids=ids).logits
     assert not torch.allclose(before, after, atol=1e-6)  # training changed the model's outputs
+    # What was saved is what was trained: the reloaded model gives the eval loss of the last training step.
+    eval_rows = load_split(tiny_config.data.out_dir, "eval")[: tiny_config.train.eval_examples]
+    examples = encode_rows(loaded.tokenizer, eval_rows, tiny_config.train.max_length)
+    reloaded_loss = mean_answer_loss(tuned, examples, loaded.tokenizer.pad_token_id, tiny_config.train.batch_size, torch.device("cpu"), None)
+    assert reloaded_loss == pytest.approx(result.final_eval_loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("method", ["pissa", "olora"])
@@ -68,6 +74,7 @@ def test_pissa_and_olora_adapters_are_converted_for_the_untouched_base(method, t
     (LoraSettings(method="lora", loraplus_lr_ratio=8.0), "applies only to lora.method=loraplus"),
     (LoraSettings(method="dora", adalora_init_r=12), "applies only to lora.method=adalora"),
     (LoraSettings(method="ia3", target_modules=["q_proj"]), "ia3 only as auto"),
+    (LoraSettings(method="adalora", r=8, adalora_init_r=8), "must exceed lora.r=8"),
 ])
 def test_bad_method_options_fail_clearly(settings, message):
     with pytest.raises(LoralabError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -117,6 +124,8 @@ def test_quantized_base_options_fail_clearly(monkeypatch, tiny_config):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
     with pytest.raises(LoralabError, match="needs bitsandbytes, which is not installed"):
         quantization_config("nf4")
+    with pytest.raises(LoralabError, match="pissa changes the base weights"):
+        validate(LoraSettings(method="pissa"), "nf4")
     tiny_config.lora.method = "full"
     tiny_config.model.quantize_base = "nf4"
     with pytest.raises(LoralabError, match="cannot use model.quantize_base=nf4"):
@@ -145,3 +154,51 @@ def test_lora_on_a_quantized_base_trains(kind, tiny_config, smol_tokenizer, tmp_
     assert config["peft_type"] == "LORA" and torch.isfinite(torch.tensor(result.final_train_loss))
     quantized = load_base_model(tiny_config.model).model
     assert type(quantized.model.layers[0].self_attn.q_proj).__module__.startswith("bitsandbytes")
+
+
+@pytest.mark.parametrize("method", ["pissa", "adalora"])
+def test_interrupted_run_of_a_method_resumes_to_the_same_adapter(method, tiny_config, tmp_path):
+    """PiSSA must convert against its initial adapter, not the checkpoint's; AdaLoRA, whose rank
+    allocator cannot be checkpointed, starts again. Either way: the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    tiny_config.lora.method = method
+    tiny_config.train.max_steps = 10
+    tiny_config.train.save_every = 2
+    expected = load_file(Path(train(tiny_config, quiet=True).adapter_dir) / "adapter_model.safetensors")
+    tiny_config.train.run_dir, tiny_config.train.output_dir = str(tmp_path / "run2"), str(tmp_path / "lora2")
+    assert train(tiny_config, stop_at_step=5, quiet=True).interrupted
+    got = load_file(Path(train(tiny_config, resume=True, quiet=True).adapter_dir) / "adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_loraplus_groups_carry_the_lr_ratio_and_weight_decay(tiny_config):
+    from loralab.model_utils import attach_lora
+    from loralab.peft_methods import make_optimizer
+
+    settings = LoraSettings(method="loraplus", r=2, loraplus_lr_ratio=8.0)
+    model = attach_lora(load_base_model(tiny_config.model).model, settings)
+    optimizer = make_optimizer(model, settings, lr=1e-3, weight_decay=0.01)
+    lrs = sorted({group["lr"] for group in optimizer.param_groups if group["params"]})
+    assert lrs == [pytest.approx(1e-3), pytest.approx(8e-3)]
+    assert all(group["weight_decay"] == 0.01 for group in optimizer.param_groups if group["params"])
+
+
+def test_full_fine_tuning_with_gradient_checkpointing(tiny_config):
+    tiny_config.lora.method = "full"
+    tiny_config.model.gradient_checkpointing = True
+    tiny_config.train.max_steps = 3
+    result = train(tiny_config, quiet=True)
+    assert is_full_model_dir(result.adapter_dir) and torch.isfinite(torch.tensor(result.final_train_loss))
+
+
+def test_run_names_separate_quantized_bases():
+    """A sweep or compare must never reuse a plain run's results for the same run on a quantized base."""
+    from loralab.config import Config
+    from loralab.search_space import settings_digest
+
+    plain, quantized = Config(), Config()
+    quantized.model.quantize_base = "nf4"
+    assert settings_digest(plain) != settings_digest(quantized)
