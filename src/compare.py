@@ -2,7 +2,9 @@
 learning rate, several seeds, measured once on the test split.
 
 1. Learning rate, per method: one run per candidate in `compare.learning_rates` (first seed), scored
-   by eval-split loss. The test split plays no part in this choice.
+   by eval-split loss. When the best candidate is the grid's largest or smallest, the grid is extended
+   past it by the grid's own ratio (up to `compare.lr_extensions` times), so that no method is judged
+   at a learning rate that was simply too timid. The test split plays no part in this choice.
 2. Seeds: the chosen learning rate with every seed in `compare.seeds`; each adapter is measured on
    the test split (answer perplexity, domain accuracy per task), with its trainable parameters, size
    on disk, training tokens/s, peak RSS and wall time.
@@ -123,14 +125,22 @@ def compare(cfg: Config) -> dict:
     summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test",
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for method in cc.methods:  # a method, or method@quantized-base
-        search = []
-        for lr in rates[method]:
+        search: list[dict] = []
+        pending = list(rates[method])
+        while pending:
+            lr = pending.pop(0)
             done_runs += 1
             params = _params(cfg, method, lr, cc.seeds[0])
             root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
             print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
             record = _in_fresh_process(budget, params, root, 0)
             search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
+            if not pending:
+                beyond = lr_beyond_edge(search, rates[method], cc.lr_extensions)
+                if beyond is not None:
+                    pending.append(beyond)
+                    runs_total += 1
+                    print(f"{method}: the best learning rate is at the edge of the grid; trying {beyond:g}", flush=True)
         finite = [s for s in search if math.isfinite(s["eval_loss"])]  # a diverged candidate (NaN) never wins
         if not finite:
             raise LoralabError(f"{method}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
@@ -146,6 +156,27 @@ def compare(cfg: Config) -> dict:
         summary["methods"][method] = _aggregate(method, best_lr, search, seeds)
         _write(cfg, summary)  # after every method: a killed compare keeps what it measured
     return summary
+
+
+def lr_beyond_edge(search: list[dict], grid: list[float], max_extensions: int) -> float | None:
+    """The next learning rate past the grid's edge when the best finite eval loss so far sits on that edge.
+
+    The step is the grid's mean ratio (sqrt(10) for 1e-3, 3e-3, 1e-2), rounded to two significant
+    digits: the extension searches as finely as the grid did. None when the best is inside, every
+    candidate diverged, the grid has one point, or max_extensions candidates were already added.
+    """
+    finite = [s for s in search if math.isfinite(s["eval_loss"])]
+    if not finite or len(grid) < 2 or len(search) - len(grid) >= max_extensions:
+        return None
+    tried = sorted(s["learning_rate"] for s in search)
+    best = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
+    ordered = sorted(grid)
+    step = (ordered[-1] / ordered[0]) ** (1 / (len(ordered) - 1))
+    if best == tried[-1]:
+        return float(f"{best * step:.2g}")
+    if best == tried[0]:
+        return float(f"{best / step:.2g}")
+    return None
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -197,7 +228,7 @@ def _markdown(cfg: Config, summary: dict) -> str:
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * m['per_task'].get(t, math.nan):.1f}" for t in tasks) + " |")
-    lines += ["", "Learning-rate search (eval-split loss, first seed):", ""]
+    lines += ["", "Learning-rate search (eval-split loss, first seed; candidates past the configured grid were added because the best sat on its edge):", ""]
     for name, m in methods.items():
         lines.append(f"- {name}: " + ", ".join(f"{s['learning_rate']:g} → {s['eval_loss']:.4f}" for s in m["lr_search"]))
     rel = os.path.relpath(Path(cc.plots_dir).resolve() / "quality_tradeoffs.png", Path(cc.summary_md).resolve().parent)

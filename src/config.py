@@ -212,6 +212,8 @@ class CompareConfig:
         "pissa": [3e-4, 1e-3, 3e-3], "olora": [3e-4, 1e-3, 3e-3], "loraplus": [3e-4, 1e-3, 3e-3],
         "adalora": [3e-3, 1e-2, 3e-2], "ia3": [3e-3, 1e-2, 3e-2], "full": [1e-5, 3e-5, 1e-4],
     })
+    # When the best learning rate is the grid's largest or smallest, try up to this many more past that edge.
+    lr_extensions: int = 2
     train_examples: int = 240  # every run, whatever its batch size
     eval_examples: int = 96  # eval-split examples for choosing the learning rate
     generation_per_task: int = 10  # test-split questions per task for domain accuracy

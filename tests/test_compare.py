@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from loralab.compare import compare
+from loralab.compare import compare, lr_beyond_edge
 from loralab.errors import LoralabError
 
 
@@ -17,6 +17,7 @@ def _configure(cfg, tmp_path: Path):
     cc.methods = ["lora", "full"]
     cc.seeds = [1, 2]
     cc.learning_rates = {"lora": [1e-4, 2e-2], "full": [1e-4]}
+    cc.lr_extensions = 0  # the record count below is exact; lr_beyond_edge has its own test
     cc.train_examples = 8
     cc.eval_examples = 4
     cc.generation_per_task = 1
@@ -61,3 +62,19 @@ def test_compare_refuses_bad_methods_before_training(tiny_config, tmp_path):
     with pytest.raises(LoralabError, match="compare.learning_rates.lora"):
         compare(cfg)
     assert not Path(cfg.compare.runs_dir).exists()
+
+
+def test_lr_grid_extends_past_an_edge_only_while_the_edge_wins():
+    grid = [1e-3, 3e-3, 1e-2]
+    search = [{"learning_rate": lr, "eval_loss": loss} for lr, loss in zip(grid, [2.9, 2.7, 2.5])]
+    assert lr_beyond_edge(search, grid, 2) == 0.032  # best at the top: one step (sqrt 10) further
+    search.append({"learning_rate": 0.032, "eval_loss": 2.4})
+    assert lr_beyond_edge(search, grid, 2) == 0.1
+    assert lr_beyond_edge(search, grid, 1) is None  # the extension budget is spent
+    search[-1]["eval_loss"] = float("nan")  # a diverged extension never wins: 1e-2 is inside now
+    assert lr_beyond_edge(search, grid, 2) is None
+    low = [{"learning_rate": lr, "eval_loss": loss} for lr, loss in zip(grid, [2.4, 2.7, 2.9])]
+    assert lr_beyond_edge(low, grid, 2) == 0.00032
+    inside = [{"learning_rate": lr, "eval_loss": loss} for lr, loss in zip(grid, [2.9, 2.5, 2.7])]
+    assert lr_beyond_edge(inside, grid, 2) is None
+    assert lr_beyond_edge(inside[:1], [1e-3], 2) is None
