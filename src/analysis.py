@@ -8,17 +8,24 @@ results. A result file that is missing gives a line saying which command produce
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from . import atomic_io
+from .resource_usage import machine_summary
 
 SOURCES = {
     "throughput": ("benchmarks/results/train_throughput.json", "python benchmarks/train_throughput.py --ablation"),
     "memory": ("benchmarks/results/memory_breakdown.json", "python benchmarks/memory_breakdown.py"),
     "sensitivity": ("experiments/sensitivity.json", "loralab sweep --config experiments/best_config.yaml"),
     "tuning": ("experiments/metrics_comparison.json", "loralab tune"),
+    "methods": ("experiments/method_comparison.json", "loralab compare"),
+    "domains": ("experiments/domain_transfer.json", "loralab domains"),
 }
+
+# Two-sided 95 % critical values of Student's t by degrees of freedom (2 x seeds - 2 for two methods).
+T_CRITICAL = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 8: 2.306, 10: 2.228}
 
 
 def _load(root: Path, name: str) -> dict | None:
@@ -124,6 +131,146 @@ def _tuning(data: dict | None) -> list[str]:
     ]
 
 
+def separated(a: dict, b: dict, key: str, seeds: int) -> bool:
+    """Whether two methods' means of `key` differ beyond seed noise: |difference| above the 95 % t critical
+    value times the standard error of the difference (each mean over `seeds` runs)."""
+    se = math.sqrt((a[key + "_sd"] ** 2 + b[key + "_sd"] ** 2) / seeds)
+    return abs(a[key] - b[key]) > T_CRITICAL.get(2 * seeds - 2, 2.0) * se
+
+
+def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
+    """Recommendations computed from the comparison: which method wins on what, and what is noise."""
+    methods, seeds = data["methods"], len(data["seeds"])
+    if not methods:
+        return []
+    by_ppl = sorted(methods, key=lambda m: methods[m]["test_perplexity"])
+    best = by_ppl[0]
+    tied = [m for m in by_ppl[1:] if not separated(methods[best], methods[m], "test_perplexity", seeds)]
+    group = [best, *tied]
+    fmt = lambda m: f"{m} ({methods[m]['test_perplexity']:.2f} ± {methods[m]['test_perplexity_sd']:.2f})"  # noqa: E731
+    out = [f"- **Quality (test answer perplexity):** best is {fmt(best)}. "
+           + (f"Not separable from it at 95 % over {seeds} seeds: {', '.join(fmt(m) for m in tied)}." if tied
+              else f"Every other method is worse beyond seed noise (95 %, {seeds} seeds).")]
+    worse = [m for m in by_ppl if m not in group]
+    if worse:
+        out.append(f"- Worse than the best beyond seed noise: {', '.join(fmt(m) for m in worse)}.")
+    acc = sorted(methods, key=lambda m: -methods[m]["domain_accuracy"])
+    acc_tied = [m for m in acc[1:] if not separated(methods[acc[0]], methods[m], "domain_accuracy", seeds)]
+    out.append(f"- **Domain accuracy:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
+               f"{methods[acc[0]]['domain_accuracy_sd']:.1f} %); {len(acc_tied)} of the other {len(acc) - 1} are within seed noise "
+               "of it, so accuracy on this many test questions does not rank the methods.")
+    cheapest = min(group, key=lambda m: methods[m]["trainable_parameters"])
+    lightest = min(group, key=lambda m: methods[m]["peak_rss_mb"])
+    fastest = min(group, key=lambda m: methods[m]["wall_seconds"])
+    out.append(f"- **Among the best-quality group**, fewest trainable parameters: {cheapest} "
+               f"({methods[cheapest]['trainable_parameters']:,}, {methods[cheapest]['adapter_mb']:.2f} MB on disk); lowest peak "
+               f"memory: {lightest} ({methods[lightest]['peak_rss_mb']:.0f} MB); shortest training: {fastest} "
+               f"({methods[fastest]['wall_seconds']:.0f} s).")
+    overall_light = min(methods, key=lambda m: methods[m]["peak_rss_mb"])
+    if overall_light not in group:
+        out.append(f"- **Lowest memory overall:** {overall_light} ({methods[overall_light]['peak_rss_mb']:.0f} MB, "
+                   f"{_ratio(methods[overall_light], methods[best], 'test_perplexity')} the best perplexity).")
+    for entry, m in methods.items():
+        plain = entry.partition("@")[0]
+        if "@" in entry and plain in methods:
+            p = methods[plain]
+            noise = "within seed noise" if not separated(m, p, "test_perplexity", seeds) else "beyond seed noise"
+            out.append(f"- **{entry} against {plain}:** peak memory {m['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB "
+                       f"({m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x), training time {m['wall_seconds'] / p['wall_seconds']:.2f}x, "
+                       f"test perplexity {m['test_perplexity']:.2f} vs {p['test_perplexity']:.2f} ({noise}).")
+    if "full" in methods and best != "full":
+        f, b = methods["full"], methods[best]
+        out.append(f"- **Full fine-tuning** ({f['trainable_parameters']:,} parameters, {f['adapter_mb']:.0f} MB saved) against "
+                   f"{best}: perplexity {f['test_perplexity']:.2f} vs {b['test_perplexity']:.2f}, peak memory "
+                   f"{f['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, training time {f['wall_seconds'] / b['wall_seconds']:.2f}x.")
+    edge = [e for e, m in methods.items() if m["learning_rate"] in (min(s["learning_rate"] for s in m["lr_search"]),
+                                                                    max(s["learning_rate"] for s in m["lr_search"]))]
+    if edge:
+        out.append(f"- Caveat: the chosen learning rate is still at the edge of the searched range for {', '.join(edge)} "
+                   "(after the automatic extensions), so those methods may be slightly under-tuned.")
+    if sensitivity:
+        ranks = sorted((p for p in sensitivity["points"] if p["factor"] == "lora.rank"), key=lambda p: p["resolved"])
+        if ranks:
+            top = min(p["eval_perplexity"] for p in ranks)
+            enough = next(p for p in ranks if p["eval_perplexity"] <= 1.02 * top)
+            out.append(f"- **Rank** (`loralab sweep`): the smallest rank within 2 % of the best eval perplexity is "
+                       f"{enough['resolved']} (perplexity {enough['eval_perplexity']:.2f} vs best {top:.2f} over ranks "
+                       f"{', '.join(str(p['resolved']) for p in ranks)}); a larger rank buys adapter size, not quality, at this data size.")
+    return out
+
+
+def _ratio(a: dict, b: dict, key: str) -> str:
+    return f"{a[key] / b[key]:.2f}x"
+
+
+def _methods(data: dict | None, sensitivity: dict | None, md_dir: Path, root: Path) -> list[str]:
+    lines = ["## Methods: LoRA variants, quantized bases and full fine-tuning", ""]
+    if data is None:
+        return lines + _missing("methods")
+    plot = os.path.relpath(root / "experiments/plots/compare/quality_tradeoffs.png", md_dir)
+    lines += [f"Command: `{SOURCES['methods'][1]}` ({data['train_examples']} training examples per run, each method at its own "
+              f"learning rate chosen on the eval split, then seeds {', '.join(map(str, data['seeds']))}; test split). "
+              "Every row and the learning-rate search are in `experiments/method_comparison.md`."
+              + (f" Measured on {machine_summary(data['machine'])}." if "machine" in data else ""), "",
+              "| method | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in sorted(data["methods"].items(), key=lambda kv: kv[1]["test_perplexity"]):
+        lines.append(f"| {name} | {m['test_perplexity']:.2f} ± {m['test_perplexity_sd']:.2f} | {m['domain_accuracy']:.1f} ± "
+                     f"{m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | {m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | "
+                     f"{m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
+    lines += ["", "Findings and recommendations (computed from the table by `loralab analysis`):", ""]
+    return lines + method_findings(data, sensitivity) + ["", f"![methods]({plot})", ""]
+
+
+def domain_findings(data: dict) -> list[str]:
+    matrix, domains = data["matrix"], list(data["domains"])
+    out = []
+    for d in domains:
+        home = matrix[d][d]["perplexity"] / matrix["base"][d]["perplexity"]
+        others = {o: matrix[d][o]["perplexity"] / matrix["base"][o]["perplexity"] for o in domains if o != d}
+        out.append(f"- **{d} adapter:** its own test perplexity is {home:.2f}x the base's; on the other domains "
+                   + ", ".join(f"{o} {r:.2f}x" for o, r in others.items()) + ".")
+    mix = {d: matrix["mixture"][d]["perplexity"] / matrix[d][d]["perplexity"] for d in domains}
+    out.append("- **Mixture against specialists** (mixture perplexity / specialist's, on the specialist's domain): "
+               + ", ".join(f"{d} {r:.2f}x" for d, r in mix.items()) + ".")
+    base_g = matrix["base"]["general"]
+    out.append("- **Forgetting** (general-knowledge text perplexity against the base's "
+               f"{base_g['text_perplexity']:.2f}): " + ", ".join(
+                   f"{m} {100 * (matrix[m]['general']['text_perplexity'] / base_g['text_perplexity'] - 1):+.1f} %"
+                   for m in matrix if m != "base") + "; multiple-choice accuracy " + ", ".join(
+                   f"{m} {matrix[m]['general']['mc_accuracy']:.1f}" for m in matrix) + f" % (± about {base_g['mc_accuracy_se']:.0f}).")
+    return out
+
+
+def _domains(data: dict | None, md_dir: Path, root: Path) -> list[str]:
+    lines = ["## Multi-domain adaptation: specialists, a mixture, forgetting", ""]
+    if data is None:
+        return lines + _missing("domains")
+    plot = os.path.relpath(root / "experiments/plots/domains/cross_evaluation.png", md_dir)
+    domains = list(data["domains"])
+    lines += [f"Command: `{SOURCES['domains'][1]}`; full tables in `experiments/domain_transfer.md`. "
+              f"{data['train_examples_per_domain']} examples per specialist, the mixture on their union"
+              + (f", on {machine_summary(data['machine'])}" if "machine" in data else "") + ". Test answer perplexity:", "",
+              "| model | " + " | ".join(domains) + " | general text |", "|---|" + "---:|" * (len(domains) + 1)]
+    for m, row in data["matrix"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[d]['perplexity']:.2f}" for d in domains) + f" | {row['general']['text_perplexity']:.2f} |")
+    return lines + ["", *domain_findings(data), "", f"![domains]({plot})", ""]
+
+
+def refresh_generated_blocks(path: Path, blocks: dict[str, list[str]]) -> None:
+    """Replace the text between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a hand-written
+    document (submission.md), so its numbers are regenerated with the analysis and never copied by hand."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    for name, lines in blocks.items():
+        start, end = f"<!-- generated:{name} (loralab analysis) -->", f"<!-- /generated:{name} -->"
+        if start in text and end in text:
+            head, rest = text.split(start, 1)
+            text = head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
+    atomic_io.write_text(path, text)
+
+
 def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimization_analysis.md") -> Path:
     root, out = Path(root), Path(root) / out
     md_dir = out.parent
@@ -138,5 +285,13 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
     lines += _memory(_load(root, "memory"), md_dir, root)
     lines += _tuning(_load(root, "tuning"))
     lines += _sensitivity(_load(root, "sensitivity"), md_dir, root)
+    lines += _methods(_load(root, "methods"), _load(root, "sensitivity"), md_dir, root)
+    lines += _domains(_load(root, "domains"), md_dir, root)
     atomic_io.write_text(out, "\n".join(lines))
+    blocks = {}
+    if (methods := _load(root, "methods")) is not None:
+        blocks["methods"] = method_findings(methods, _load(root, "sensitivity"))
+    if (domains := _load(root, "domains")) is not None:
+        blocks["domains"] = domain_findings(domains)
+    refresh_generated_blocks(root / "submission.md", blocks)
     return out

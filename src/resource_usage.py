@@ -46,3 +46,25 @@ class PeakRss:
         self._done.set()
         self._thread.join()
         self.peak_mb = max(self.peak_mb, current_rss_mb())
+
+
+def machine_description() -> dict:
+    """The CPU a result was measured on: timings are only comparable on the same one."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    flags: set[str] = set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "bf16": bool({"avx512_bf16", "amx_bf16"} & flags)}
+
+
+def machine_summary(machine: dict) -> str:
+    return f"{machine['cpu']}, {machine['cores']} cores, {'with' if machine['bf16'] else 'without'} native bf16"
