@@ -231,8 +231,11 @@ def domain_findings(data: dict) -> list[str]:
         out.append(f"- **{d} adapter:** its own test perplexity is {home:.2f}x the base's; on the other domains "
                    + ", ".join(f"{o} {r:.2f}x" for o, r in others.items()) + ".")
     mix = {d: matrix["mixture"][d]["perplexity"] / matrix[d][d]["perplexity"] for d in domains}
+    steps = data.get("training", {})
+    more = (f"; it takes {steps['mixture']['steps'] / steps[domains[0]]['steps']:.0f}x a specialist's optimizer steps over the "
+            "same examples" if "mixture" in steps and domains[0] in steps else "")
     out.append("- **Mixture against specialists** (mixture perplexity / specialist's, on the specialist's domain): "
-               + ", ".join(f"{d} {r:.2f}x" for d, r in mix.items()) + ".")
+               + ", ".join(f"{d} {r:.2f}x" for d, r in mix.items()) + more + ".")
     base_g = matrix["base"]["general"]
     out.append("- **Forgetting** (general-knowledge text perplexity against the base's "
                f"{base_g['text_perplexity']:.2f}): " + ", ".join(

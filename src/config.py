@@ -203,9 +203,10 @@ class CompareConfig:
     """`loralab compare`: each method, the same data and example budget, its own learning rate."""
 
     # A method, or method@int8 / method@nf4 for a base held quantized by bitsandbytes (QLoRA).
-    # lora@int8 also works (tests/test_methods.py trains it) but is left out of the default list to keep the
-    # full comparison within about two hours of a 2-core CPU; add it with --set compare.methods=[...].
-    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "olora", "loraplus", "adalora", "ia3",
+    # olora and lora@int8 also work (tests/test_methods.py trains them) but are left out of the default list to
+    # keep the full comparison within about two hours of a 2-core CPU (olora is pissa's sibling: another
+    # initialisation from the weights); add them with --set compare.methods=[...].
+    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "loraplus", "adalora", "ia3",
                                                         "full", "lora@nf4"])
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
     # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried (one seed each, scored on the eval split); the best is used
