@@ -143,12 +143,16 @@ def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
     methods, seeds = data["methods"], len(data["seeds"])
     if not methods:
         return []
+    missing = [m for m in data.get("methods_planned", []) if m not in methods]
+    partial = ([f"- **Partial comparison:** {len(methods)} of {len(data['methods_planned'])} planned entries are measured; "
+                f"not yet: {', '.join(missing)} (`loralab compare` continues from the committed run records)."] if missing else [])
     by_ppl = sorted(methods, key=lambda m: methods[m]["test_perplexity"])
     best = by_ppl[0]
     tied = [m for m in by_ppl[1:] if not separated(methods[best], methods[m], "test_perplexity", seeds)]
     group = [best, *tied]
     fmt = lambda m: f"{m} ({methods[m]['test_perplexity']:.2f} ± {methods[m]['test_perplexity_sd']:.2f})"  # noqa: E731
-    out = [f"- **Quality (test answer perplexity):** best is {fmt(best)}. "
+    out = partial + [f"- **Quality (test answer perplexity):** best is {fmt(best)}"
+           + (" among those measured" if missing else "") + ". "
            + (f"Not separable from it at 95 % over {seeds} seeds: {', '.join(fmt(m) for m in tied)}." if tied
               else f"Every other method is worse beyond seed noise (95 %, {seeds} seeds).")]
     worse = [m for m in by_ppl if m not in group]
@@ -203,6 +207,16 @@ def _ratio(a: dict, b: dict, key: str) -> str:
     return f"{a[key] / b[key]:.2f}x"
 
 
+def method_table(data: dict) -> list[str]:
+    lines = ["| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in sorted(data["methods"].items(), key=lambda kv: kv[1]["test_perplexity"]):
+        lines.append(f"| {name} | {m['learning_rate']:g} | {m['test_perplexity']:.2f} ± {m['test_perplexity_sd']:.2f} | "
+                     f"{m['domain_accuracy']:.1f} ± {m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | "
+                     f"{m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | {m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
+    return lines
+
+
 def _methods(data: dict | None, sensitivity: dict | None, md_dir: Path, root: Path) -> list[str]:
     lines = ["## Methods: LoRA variants, quantized bases and full fine-tuning", ""]
     if data is None:
@@ -212,12 +226,7 @@ def _methods(data: dict | None, sensitivity: dict | None, md_dir: Path, root: Pa
               f"learning rate chosen on the eval split, then seeds {', '.join(map(str, data['seeds']))}; test split). "
               "Every row and the learning-rate search are in `experiments/method_comparison.md`."
               + (f" Measured on {machine_summary(data['machine'])}." if "machine" in data else ""), "",
-              "| method | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in sorted(data["methods"].items(), key=lambda kv: kv[1]["test_perplexity"]):
-        lines.append(f"| {name} | {m['test_perplexity']:.2f} ± {m['test_perplexity_sd']:.2f} | {m['domain_accuracy']:.1f} ± "
-                     f"{m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | {m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | "
-                     f"{m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
+              *method_table(data)]
     lines += ["", "Findings and recommendations (computed from the table by `loralab analysis`):", ""]
     return lines + method_findings(data, sensitivity) + ["", f"![methods]({plot})", ""]
 
@@ -262,7 +271,7 @@ def _domains(data: dict | None, md_dir: Path, root: Path) -> list[str]:
 
 def refresh_generated_blocks(path: Path, blocks: dict[str, list[str]]) -> None:
     """Replace the text between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a hand-written
-    document (submission.md), so its numbers are regenerated with the analysis and never copied by hand."""
+    document (submission.md, README.md), so its numbers are regenerated with the analysis, never copied by hand."""
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8")
@@ -294,7 +303,9 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
     blocks = {}
     if (methods := _load(root, "methods")) is not None:
         blocks["methods"] = method_findings(methods, _load(root, "sensitivity"))
+        blocks["methods-table"] = method_table(methods)
     if (domains := _load(root, "domains")) is not None:
         blocks["domains"] = domain_findings(domains)
-    refresh_generated_blocks(root / "submission.md", blocks)
+    for document in ("submission.md", "README.md"):
+        refresh_generated_blocks(root / document, blocks)
     return out

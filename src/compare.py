@@ -9,7 +9,8 @@ learning rate, several seeds, measured once on the test split.
    the test split (answer perplexity, domain accuracy per task), with its trainable parameters, size
    on disk, training tokens/s, peak RSS and wall time.
 Every run is in a fresh process (its peak memory is its own) and is recorded as soon as it ends;
-a killed compare skips finished runs when started again. Results: `compare.results_json`, a
+a killed compare skips finished runs when started again, also from a fresh clone: each run's record is also
+kept in `compare.records_dir`, which is committed with the results. Results: `compare.results_json`, a
 Markdown table and plots of quality against trainable parameters, memory and time.
 """
 
@@ -109,13 +110,21 @@ def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dic
 
 
 def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
-    record_path = run_root / "record.json"
-    if record_path.is_file() and (run_root / "adapter" / "training_args.json").is_file():
-        record = json.loads(record_path.read_text())
-        if "test" in record or not test_generation:
-            return record  # finished: no process to start
+    """A finished run's record, from its run directory or from the committed record store
+    (`compare.records_dir`, so a fresh clone continues a comparison without retraining); otherwise the run,
+    in its own process. Every record is copied into the store as soon as it exists."""
+    stored = Path(cfg.compare.records_dir) / f"{run_root.name}.json"
+    for path in (run_root / "record.json", stored):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if "test" in record or not test_generation:
+                if not stored.is_file() or path != stored and json.loads(stored.read_text()) != record:
+                    atomic_io.write_json(stored, record)
+                return record  # finished: no process to start
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_run, cfg, params, run_root, test_generation).result()
+        record = pool.submit(_run, cfg, params, run_root, test_generation).result()
+    atomic_io.write_json(stored, record)
+    return record
 
 
 def compare(cfg: Config) -> dict:
@@ -129,6 +138,7 @@ def compare(cfg: Config) -> dict:
     runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
     done_runs = 0
     summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machine": machine_description(),
+                     "methods_planned": list(cc.methods),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for method in cc.methods:  # a method, or method@quantized-base
         search: list[dict] = []
@@ -223,6 +233,9 @@ def _markdown(cfg: Config, summary: dict) -> str:
         "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
         "are on this machine's CPU" + (f" ({machine_summary(summary['machine'])})." if "machine" in summary else "."),
         "",
+        *([f"**Partial:** {len(methods)} of {len(summary['methods_planned'])} entries measured so far; not yet: "
+           f"{', '.join(m for m in summary['methods_planned'] if m not in methods)}. `loralab compare` continues.", ""]
+          if set(summary.get("methods_planned", methods)) - set(methods) else []),
         "| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]

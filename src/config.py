@@ -206,8 +206,9 @@ class CompareConfig:
     # olora and lora@int8 also work (tests/test_methods.py trains them) but are left out of the default list to
     # keep the full comparison within about two hours of a 2-core CPU (olora is pissa's sibling: another
     # initialisation from the weights); add them with --set compare.methods=[...].
-    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "pissa", "loraplus", "adalora", "ia3",
-                                                        "full", "lora@nf4"])
+    # Run in this order (a partial comparison has the reference points first).
+    methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "full", "lora@nf4", "ia3", "pissa",
+                                                        "loraplus", "adalora"])
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
     # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried (one seed each, scored on the eval split); the best is used
     # for every seed. Methods differ by orders of magnitude here, so one shared lr would be unfair.
@@ -222,6 +223,8 @@ class CompareConfig:
     eval_examples: int = 96  # eval-split examples for choosing the learning rate
     generation_per_task: int = 10  # test-split questions per task for domain accuracy
     runs_dir: str = "runs/compare"
+    # One JSON record per finished run (committed): a fresh clone continues the comparison without retraining.
+    records_dir: str = "experiments/compare_runs"
     results_json: str = "experiments/method_comparison.json"
     summary_md: str = "experiments/method_comparison.md"
     plots_dir: str = "experiments/plots/compare"

@@ -37,6 +37,9 @@ def test_method_findings_name_the_winner_the_ties_and_the_costs():
     assert "fewest trainable parameters: ia3" in text and "lowest peak memory: lora@nf4" in text
     assert "**lora@nf4 against lora:** peak memory 2000 vs 3000 MB (0.67x), training time 2.00x" in text
     assert "edge of the searched range for dora" in text
+    assert "Partial" not in text
+    partial = dict(COMPARISON, methods_planned=[*COMPARISON["methods"], "full"])
+    assert "**Partial comparison:** 4 of 5 planned entries are measured; not yet: full" in method_findings(partial)[0]
 
 
 def test_analysis_refreshes_generated_blocks_and_names_missing_results(tmp_path):
@@ -46,7 +49,7 @@ def test_analysis_refreshes_generated_blocks_and_names_missing_results(tmp_path)
     doc.write_text("intro\n<!-- generated:methods (loralab analysis) -->\nstale\n<!-- /generated:methods -->\nend\n")
     out = write_analysis(tmp_path)
     analysis = out.read_text()
-    assert "| lora | 12.00 ± 0.30 |" in analysis
+    assert "| lora | 0.001 | 12.00 ± 0.30 |" in analysis
     assert "_Not measured yet: `loralab domains` writes `experiments/domain_transfer.json`._" in analysis
     refreshed = doc.read_text()
     assert "stale" not in refreshed and "best is lora" in refreshed

@@ -22,6 +22,7 @@ def _configure(cfg, tmp_path: Path):
     cc.eval_examples = 4
     cc.generation_per_task = 1
     cc.runs_dir = str(tmp_path / "runs")
+    cc.records_dir = str(tmp_path / "records")
     cc.results_json = str(tmp_path / "cmp.json")
     cc.summary_md = str(tmp_path / "cmp.md")
     cc.plots_dir = str(tmp_path / "plots")
@@ -50,6 +51,13 @@ def test_compare_chooses_lr_per_method_and_measures_seeds_on_test(tiny_config, t
     again = compare(cfg)  # finished runs are reused, not retrained
     assert [p.stat().st_mtime_ns for p in records] == stamps
     assert again["methods"]["lora"]["test_perplexity"] == lora["test_perplexity"]
+    import shutil
+
+    shutil.rmtree(cfg.compare.runs_dir)  # a fresh clone: only the committed record store is left
+    assert len(list(Path(cfg.compare.records_dir).glob("*.json"))) == 5
+    fresh = compare(cfg)
+    assert not Path(cfg.compare.runs_dir).exists()  # nothing retrained
+    assert fresh["methods"] == again["methods"]
 
 
 def test_compare_refuses_bad_methods_before_training(tiny_config, tmp_path):

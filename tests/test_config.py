@@ -33,7 +33,7 @@ def test_quick_preset_loads_and_keeps_outputs_out_of_committed_paths():
     cfg = load_config(REPO_CONFIGS / "quick.yaml")
     assert cfg.train.max_steps > 0
     for path in (cfg.data.out_dir, cfg.train.output_dir, cfg.train.log_file, cfg.eval.report_md, cfg.eval.results_json,
-                 cfg.compare.runs_dir, cfg.compare.results_json, cfg.compare.summary_md, cfg.compare.plots_dir,
+                 cfg.compare.runs_dir, cfg.compare.records_dir, cfg.compare.results_json, cfg.compare.summary_md, cfg.compare.plots_dir,
                  cfg.domains.runs_dir, cfg.domains.results_json, cfg.domains.summary_md, cfg.domains.plots_dir):
         assert path.startswith("runs/quick/")
 
