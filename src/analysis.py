@@ -225,7 +225,7 @@ def _methods(data: dict | None, sensitivity: dict | None, md_dir: Path, root: Pa
     lines += [f"Command: `{SOURCES['methods'][1]}` ({data['train_examples']} training examples per run, each method at its own "
               f"learning rate chosen on the eval split, then seeds {', '.join(map(str, data['seeds']))}; test split). "
               "Every row and the learning-rate search are in `experiments/method_comparison.md`."
-              + (f" Measured on {machine_summary(data['machine'])}." if "machine" in data else ""), "",
+              + (f" Measured on {' and '.join(data['machines'])}." if data.get("machines") else ""), "",
               *method_table(data)]
     lines += ["", "Findings and recommendations (computed from the table by `loralab analysis`):", ""]
     return lines + method_findings(data, sensitivity) + ["", f"![methods]({plot})", ""]
@@ -296,15 +296,16 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
     lines += _throughput(_load(root, "throughput"))
     lines += _memory(_load(root, "memory"), md_dir, root)
     lines += _tuning(_load(root, "tuning"))
-    lines += _sensitivity(_load(root, "sensitivity"), md_dir, root)
-    lines += _methods(_load(root, "methods"), _load(root, "sensitivity"), md_dir, root)
-    lines += _domains(_load(root, "domains"), md_dir, root)
+    sensitivity, methods, domains = (_load(root, name) for name in ("sensitivity", "methods", "domains"))
+    lines += _sensitivity(sensitivity, md_dir, root)
+    lines += _methods(methods, sensitivity, md_dir, root)
+    lines += _domains(domains, md_dir, root)
     atomic_io.write_text(out, "\n".join(lines))
     blocks = {}
-    if (methods := _load(root, "methods")) is not None:
-        blocks["methods"] = method_findings(methods, _load(root, "sensitivity"))
+    if methods is not None:
+        blocks["methods"] = method_findings(methods, sensitivity)
         blocks["methods-table"] = method_table(methods)
-    if (domains := _load(root, "domains")) is not None:
+    if domains is not None:
         blocks["domains"] = domain_findings(domains)
     for document in ("submission.md", "README.md"):
         refresh_generated_blocks(root / document, blocks)

@@ -32,9 +32,9 @@ from .errors import LoralabError
 from .evaluation import evaluate_adapter
 from .model_utils import quantization_config
 from .peft_methods import METHODS, validate
-from .resource_usage import machine_description, machine_summary
+from .resource_usage import machine_summary
 from .search_space import settings_digest, trial_config
-from .trials import run_trial
+from .trials import recorded_trial
 
 
 def _budgeted(cfg: Config) -> Config:
@@ -93,19 +93,13 @@ def _params(cfg: Config, entry: str, lr: float, seed: int) -> dict:
 
 def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
     """One training run (resumable), plus its test-split quality when test_generation > 0."""
-    adapter_args = run_root / "adapter" / "training_args.json"
-    record_path = run_root / "record.json"
-    if record_path.is_file() and adapter_args.is_file():
-        record = json.loads(record_path.read_text())
-    else:
-        record, _ = run_trial(cfg, params, run_root, reports=1, resume=True)
-        atomic_io.write_json(record_path, record)
+    record = recorded_trial(cfg, params, run_root)
     if test_generation and "test" not in record:
         trial_cfg = trial_config(cfg, params, run_root, 1)
         quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
         record["test"] = {"perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
                           "per_task": {task: v["primary"] for task, v in quality["per_task"].items()}}
-        atomic_io.write_json(record_path, record)
+        atomic_io.write_json(run_root / "record.json", record)
     return record
 
 
@@ -118,8 +112,8 @@ def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation
         if path.is_file():
             record = json.loads(path.read_text())
             if "test" in record or not test_generation:
-                if not stored.is_file() or path != stored and json.loads(stored.read_text()) != record:
-                    atomic_io.write_json(stored, record)
+                if path != stored:
+                    atomic_io.write_json(stored, record)  # the store may hold an older record (before its test)
                 return record  # finished: no process to start
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         record = pool.submit(_run, cfg, params, run_root, test_generation).result()
@@ -137,7 +131,7 @@ def compare(cfg: Config) -> dict:
     rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
     runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
     done_runs = 0
-    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machine": machine_description(),
+    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machines": [],
                      "methods_planned": list(cc.methods),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for method in cc.methods:  # a method, or method@quantized-base
@@ -150,6 +144,7 @@ def compare(cfg: Config) -> dict:
             root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
             print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
             record = _in_fresh_process(budget, params, root, 0)
+            _note_machine(summary, record)
             search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
             if not pending:
                 beyond = lr_beyond_edge(search, rates[method], cc.lr_extensions)
@@ -169,9 +164,16 @@ def compare(cfg: Config) -> dict:
                 done_runs += 1
             print(f"[{done_runs}/{runs_total}] {method}: lr {best_lr:g}, seed {seed} (test split)", flush=True)
             seeds.append({"seed": seed, **_in_fresh_process(budget, params, root, cc.generation_per_task)})
+            _note_machine(summary, seeds[-1])
         summary["methods"][method] = _aggregate(method, best_lr, search, seeds)
         _write(cfg, summary)  # after every method: a killed compare keeps what it measured
     return summary
+
+
+def _note_machine(summary: dict, record: dict) -> None:
+    """The CPUs the summary's runs trained on (a comparison continued elsewhere spans several)."""
+    if "machine" in record and (name := machine_summary(record["machine"])) not in summary["machines"]:
+        summary["machines"].append(name)
 
 
 def lr_beyond_edge(search: list[dict], grid: list[float], max_extensions: int) -> float | None:
@@ -231,7 +233,7 @@ def _markdown(cfg: Config, summary: dict) -> str:
         f"{cc.seeds[0]}), then runs with seeds {', '.join(map(str, cc.seeds))}. Quality is on the test split: answer "
         f"perplexity over all test examples, domain accuracy over {cc.generation_per_task} test questions per task. "
         "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
-        "are on this machine's CPU" + (f" ({machine_summary(summary['machine'])})." if "machine" in summary else "."),
+        f"are on {' and '.join(summary.get('machines')) or 'this machine'}.",
         "",
         *([f"**Partial:** {len(methods)} of {len(summary['methods_planned'])} entries measured so far; not yet: "
            f"{', '.join(m for m in summary['methods_planned'] if m not in methods)}. `loralab compare` continues.", ""]

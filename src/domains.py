@@ -29,7 +29,7 @@ from .data_preparation import load_split, prepare_dataset
 from .errors import LoralabError
 from .resource_usage import machine_description
 from .search_space import settings_digest, trial_config
-from .trials import run_trial
+from .trials import recorded_trial
 
 MIXTURE = "mixture"
 
@@ -87,13 +87,7 @@ def _train(cfg: Config, data_dir: Path) -> dict:
     budget.tune.trial_examples = len(load_split(data_dir, "train"))
     budget.tune.trial_eval_examples = len(load_split(data_dir, "eval"))
     run_root = Path(cfg.domains.runs_dir) / "adapters" / settings_digest(trial_config(budget, {}, Path("."), 1))
-    record_path = run_root / "record.json"
-    if record_path.is_file() and (run_root / "adapter" / "training_args.json").is_file():
-        return json.loads(record_path.read_text())
-    record, _ = run_trial(budget, {}, run_root, reports=1, resume=True)
-    record["adapter_dir"] = str(run_root / "adapter")
-    atomic_io.write_json(record_path, record)
-    return record
+    return {**recorded_trial(budget, {}, run_root), "adapter_dir": str(run_root / "adapter")}
 
 
 class _Cells:

@@ -12,7 +12,8 @@ from typing import Any, Callable
 from .config import Config
 from .errors import LoralabError
 from .fine_tune_lora import train
-from .resource_usage import PeakRss
+from . import atomic_io
+from .resource_usage import PeakRss, machine_description
 from .search_space import trial_config
 
 
@@ -60,5 +61,17 @@ def run_trial(
         "tokens_per_s": args["mean_tokens_per_s"],
         "peak_rss_mb": round(rss.peak_mb, 1),
         "run_dir": str(run_root),
+        "machine": machine_description(),  # timings compare only on the same CPU; a study may span machines
     }
     return record, trial_cfg
+
+
+def recorded_trial(cfg: Config, params: dict[str, Any], run_root: Path) -> dict:
+    """`run_trial` once per run directory: one whose record.json and adapter exist is reused, not retrained;
+    an unfinished one resumes from its checkpoint."""
+    record_path = run_root / "record.json"
+    if record_path.is_file() and (run_root / "adapter" / "training_args.json").is_file():
+        return json.loads(record_path.read_text())
+    record, _ = run_trial(cfg, params, run_root, reports=1, resume=True)
+    atomic_io.write_json(record_path, record)
+    return record
