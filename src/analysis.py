@@ -163,17 +163,35 @@ def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
     out.append(f"- **Domain accuracy:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
                f"{methods[acc[0]]['domain_accuracy_sd']:.1f} %); {len(acc_tied)} of the other {len(acc) - 1} are within seed noise "
                "of it, so accuracy on this many test questions does not rank the methods.")
-    cheapest = min(group, key=lambda m: methods[m]["trainable_parameters"])
-    lightest = min(group, key=lambda m: methods[m]["peak_rss_mb"])
-    fastest = min(group, key=lambda m: methods[m]["wall_seconds"])
-    out.append(f"- **Among the best-quality group**, fewest trainable parameters: {cheapest} "
-               f"({methods[cheapest]['trainable_parameters']:,}, {methods[cheapest]['adapter_mb']:.2f} MB on disk); lowest peak "
-               f"memory: {lightest} ({methods[lightest]['peak_rss_mb']:.0f} MB); shortest training: {fastest} "
-               f"({methods[fastest]['wall_seconds']:.0f} s).")
+    if tied:  # choosing inside a group of one says nothing
+        cheapest = min(group, key=lambda m: methods[m]["trainable_parameters"])
+        lightest = min(group, key=lambda m: methods[m]["peak_rss_mb"])
+        fastest = min(group, key=lambda m: methods[m]["wall_seconds"])
+        out.append(f"- **Among the best-quality group**, fewest trainable parameters: {cheapest} "
+                   f"({methods[cheapest]['trainable_parameters']:,}, {methods[cheapest]['adapter_mb']:.2f} MB on disk); lowest peak "
+                   f"memory: {lightest} ({methods[lightest]['peak_rss_mb']:.0f} MB); shortest training: {fastest} "
+                   f"({methods[fastest]['wall_seconds']:.0f} s).")
+    adapters = [m for m in by_ppl if m != "full"]
+    if best == "full" and adapters:  # the question users ask when full fine-tuning wins: what does an adapter cost?
+        a, f = methods[adapters[0]], methods["full"]
+        adapter_tied = [m for m in adapters[1:] if not separated(a, methods[m], "test_perplexity", seeds)]
+        out.append(f"- **Best adapter:** {fmt(adapters[0])}, {_ratio(a, f, 'test_perplexity')} full fine-tuning's perplexity "
+                   f"with {f['trainable_parameters'] / a['trainable_parameters']:.0f}x fewer trainable parameters, "
+                   f"{a['adapter_mb']:.1f} MB against {f['adapter_mb']:.0f} MB on disk, {_ratio(a, f, 'peak_rss_mb')} the peak "
+                   f"memory and {_ratio(a, f, 'wall_seconds')} the training time. "
+                   + (f"Not separable from it: {', '.join(fmt(m) for m in adapter_tied)}. " if adapter_tied
+                      else "Every other adapter is worse beyond seed noise. ")
+                   + "Full fine-tuning is worth it when one model serves one domain and memory allows; an adapter when "
+                   "several domains share a base or memory is tight.")
     overall_light = min(methods, key=lambda m: methods[m]["peak_rss_mb"])
     if overall_light not in group:
         out.append(f"- **Lowest memory overall:** {overall_light} ({methods[overall_light]['peak_rss_mb']:.0f} MB, "
                    f"{_ratio(methods[overall_light], methods[best], 'test_perplexity')} the best perplexity).")
+    smallest = min(methods, key=lambda m: methods[m]["adapter_mb"])
+    if smallest not in group:  # the choice when many adapters are stored or served side by side
+        out.append(f"- **Smallest adapter:** {smallest} ({methods[smallest]['trainable_parameters']:,} parameters, "
+                   f"{methods[smallest]['adapter_mb']:.2f} MB on disk, "
+                   f"{_ratio(methods[smallest], methods[best], 'test_perplexity')} the best perplexity).")
     for entry, m in methods.items():
         plain = entry.partition("@")[0]
         if "@" in entry and plain in methods:
@@ -193,7 +211,7 @@ def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
         out.append(f"- Caveat: the chosen learning rate is still at the edge of the searched range for {', '.join(edge)} "
                    "(after the automatic extensions), so those methods may be slightly under-tuned.")
     if sensitivity:
-        ranks = sorted((p for p in sensitivity["points"] if p["factor"] == "lora.rank"), key=lambda p: p["resolved"])
+        ranks = sorted((p for p in sensitivity["points"] if p["factor"] == "lora.r"), key=lambda p: p["resolved"])
         if ranks:
             top = min(p["eval_perplexity"] for p in ranks)
             enough = next(p for p in ranks if p["eval_perplexity"] <= 1.02 * top)

@@ -23,15 +23,14 @@ Every verb takes `--config FILE.yaml` and any number of `--set section.key=value
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 from pathlib import Path
 
 import yaml
 
 from .config import Config, load_config
 from .errors import LoralabError
+from .library_noise import quiet_library_noise
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -131,18 +130,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def _quiet_library_noise() -> None:
-    # loralab never needs a model hub: without this, PEFT tries to fetch the base model's
-    # config.json from the hub when saving an adapter and prints a warning when it cannot.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
-    warnings.filterwarnings("ignore", message=".*experimental.*")  # Optuna's heartbeat and retry APIs
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet_library_noise()
+    quiet_library_noise()
     try:
         cfg = resolve_config(args)
         if args.verb == "config":

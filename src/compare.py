@@ -30,6 +30,7 @@ from .config import Config, LoraSettings
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
 from .evaluation import evaluate_adapter
+from .library_noise import quiet_library_noise
 from .model_utils import quantization_config
 from .peft_methods import METHODS, validate
 from .resource_usage import machine_summary
@@ -115,7 +116,8 @@ def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation
                 if path != stored:
                     atomic_io.write_json(stored, record)  # the store may hold an older record (before its test)
                 return record  # finished: no process to start
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_library_noise) as pool:
         record = pool.submit(_run, cfg, params, run_root, test_generation).result()
     atomic_io.write_json(stored, record)
     return record

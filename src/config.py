@@ -203,12 +203,12 @@ class CompareConfig:
     """`loralab compare`: each method, the same data and example budget, its own learning rate."""
 
     # A method, or method@int8 / method@nf4 for a base held quantized by bitsandbytes (QLoRA).
-    # olora and lora@int8 also work (tests/test_methods.py trains them) but are left out of the default list to
-    # keep the full comparison within about two hours of a 2-core CPU (olora is pissa's sibling: another
-    # initialisation from the weights); add them with --set compare.methods=[...].
-    # Run in this order (a partial comparison has the reference points first).
+    # olora also works (tests/test_methods.py trains it) but is left out of the default list to keep the full
+    # comparison near three hours of a 2-core CPU: it is pissa's sibling, another initialisation from the
+    # weights; add it with --set compare.methods=[...]. Run in this order: a partial comparison has the
+    # reference points first.
     methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "full", "lora@nf4", "ia3", "pissa",
-                                                        "loraplus", "adalora"])
+                                                        "loraplus", "adalora", "lora@int8"])
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
     # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried (one seed each, scored on the eval split); the best is used
     # for every seed. Methods differ by orders of magnitude here, so one shared lr would be unfair.

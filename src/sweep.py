@@ -24,6 +24,7 @@ from .config import Config
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
 from .evaluation import evaluate_adapter
+from .library_noise import quiet_library_noise
 from .search_space import settings_digest, trial_config, trial_overrides
 from .trials import run_trial
 
@@ -154,7 +155,8 @@ def sweep(cfg: Config) -> dict:
         started = time.perf_counter()
         # A fresh process per point: its peak memory is its own, not the high-water mark of every
         # point before it (freed tensors stay in a process's heap).
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_library_noise) as pool:
             record = pool.submit(_measure_point, cfg, params, Path(tc.runs_dir) / "sweep" / digest).result()
         record.update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
         measured[digest] = record

@@ -69,3 +69,28 @@ def test_domain_findings_are_ratios_to_the_base_and_the_specialists():
     assert "**a adapter:** its own test perplexity is 0.50x the base's; on the other domains b 1.10x." in text
     assert "a 1.20x, b 1.10x" in text
     assert "a +10.0 %" in text and "mixture +5.0 %" in text
+
+
+def test_when_full_fine_tuning_wins_the_findings_price_the_best_adapter():
+    methods = {"full": _method(10.0, 0.1, params=100_000, rss=4000, wall=150),
+               "rslora": _method(11.0, 0.1, params=1000, rss=3000, wall=100),
+               "lora": _method(13.0, 0.1)}
+    text = "\n".join(method_findings({"train_examples": 240, "seeds": [1, 2, 3], "methods": methods}))
+    assert "Every other method is worse beyond seed noise" in text
+    assert "best-quality group" not in text  # a group of one has nothing to choose between
+    assert ("**Best adapter:** rslora (11.00 ± 0.10), 1.10x full fine-tuning's perplexity with 100x fewer trainable "
+            "parameters, 0.0 MB against 0 MB on disk, 0.75x the peak memory and 0.67x the training time. "
+            "Every other adapter is worse beyond seed noise.") in text
+    methods["dora"] = _method(11.1, 0.1)
+    text = "\n".join(method_findings({"train_examples": 240, "seeds": [1, 2, 3], "methods": methods}))
+    assert "Not separable from it: dora (11.10 ± 0.10)." in text
+
+
+def test_findings_name_the_smallest_adapter_and_the_rank_that_is_enough():
+    sweep = {"points": [{"factor": "lora.r", "resolved": r, "eval_perplexity": ppl}
+                        for r, ppl in [(1, 11.3), (4, 10.8), (16, 10.7), (64, 11.2)]]
+             + [{"factor": "train.learning_rate", "resolved": 1e-3, "eval_perplexity": 9.0}]}
+    comparison = dict(COMPARISON, methods=dict(COMPARISON["methods"], ia3=_method(14.0, 0.1, params=50)))
+    text = "\n".join(method_findings(comparison, sweep))
+    assert "**Smallest adapter:** ia3 (50 parameters, 0.00 MB on disk, 1.17x the best perplexity)." in text
+    assert "the smallest rank within 2 % of the best eval perplexity is 4 (perplexity 10.80 vs best 10.70 over ranks 1, 4, 16, 64)" in text
