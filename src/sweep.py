@@ -156,7 +156,7 @@ def sweep(cfg: Config) -> dict:
         # A fresh process per point: its peak memory is its own, not the high-water mark of every
         # point before it (freed tensors stay in a process's heap).
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_library_noise) as pool:
+                                 initializer=quiet_library_noise) as pool:
             record = pool.submit(_measure_point, cfg, params, Path(tc.runs_dir) / "sweep" / digest).result()
         record.update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
         measured[digest] = record
