@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import atomic_io
-from .config import Config, LoraSettings
+from .config import Config
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
 from .evaluation import evaluate_adapter
-from .library_noise import quiet_library_noise
 from .model_utils import quantization_config
 from .peft_methods import METHODS, validate
 from .resource_usage import machine_summary
 from .search_space import settings_digest, trial_config
-from .trials import recorded_trial
+from .trials import in_fresh_process, record_path, recorded_trial
 
 
 def _budgeted(cfg: Config) -> Config:
@@ -100,7 +97,7 @@ def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dic
         quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
         record["test"] = {"perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
                           "per_task": {task: v["primary"] for task, v in quality["per_task"].items()}}
-        atomic_io.write_json(run_root / "record.json", record)
+        atomic_io.write_json(record_path(run_root), record)
     return record
 
 
@@ -109,16 +106,14 @@ def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation
     (`compare.records_dir`, so a fresh clone continues a comparison without retraining); otherwise the run,
     in its own process. Every record is copied into the store as soon as it exists."""
     stored = Path(cfg.compare.records_dir) / f"{run_root.name}.json"
-    for path in (run_root / "record.json", stored):
+    for path in (record_path(run_root), stored):
         if path.is_file():
             record = json.loads(path.read_text())
             if "test" in record or not test_generation:
                 if path != stored:
                     atomic_io.write_json(stored, record)  # the store may hold an older record (before its test)
                 return record  # finished: no process to start
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_library_noise) as pool:
-        record = pool.submit(_run, cfg, params, run_root, test_generation).result()
+    record = in_fresh_process(_run, cfg, params, run_root, test_generation)
     atomic_io.write_json(stored, record)
     return record
 

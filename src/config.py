@@ -321,8 +321,8 @@ def _apply(section_obj: Any, values: dict[str, Any], where: str) -> None:
         setattr(section_obj, key, _coerce(value, hints[key], f"{where}.{key}"))
 
 
-def _section_names() -> str:
-    return ", ".join(f.name for f in dataclasses.fields(Config))
+def _section_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(Config))
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
@@ -335,8 +335,8 @@ def apply_overrides(config: Config, overrides: list[str]) -> Config:
         if len(parts) != 2:
             raise LoralabError(f"--set {item!r}: expected section.key=value, e.g. train.learning_rate=1e-4")
         section, key = parts
-        if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"--set {item!r}: unknown section '{section}' ({_section_names()})")
+        if section not in _section_names():
+            raise LoralabError(f"--set {item!r}: unknown section '{section}' ({', '.join(_section_names())})")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
@@ -355,10 +355,10 @@ def _apply_file(config: Config, path: Path) -> None:
         line = f":{mark.line + 1}" if mark is not None else ""
         raise LoralabError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(raw, dict):
-        raise LoralabError(f"{path}: expected a mapping of sections ({_section_names()})")
+        raise LoralabError(f"{path}: expected a mapping of sections ({', '.join(_section_names())})")
     for section, values in raw.items():
-        if section not in {f.name for f in dataclasses.fields(config)}:
-            raise LoralabError(f"{path}: unknown section '{section}' ({_section_names()})")
+        if section not in _section_names():
+            raise LoralabError(f"{path}: unknown section '{section}' ({', '.join(_section_names())})")
         if not isinstance(values, dict):
             raise LoralabError(f"{path}: section '{section}' must be a mapping")
         _apply(getattr(config, section), values, f"{path}: {section}")

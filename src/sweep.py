@@ -11,11 +11,9 @@ skipped on a re-run, so a killed sweep continues; an interrupted point resumes i
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,8 @@ from .config import Config
 from .data_preparation import prepare_dataset
 from .errors import LoralabError
 from .evaluation import evaluate_adapter
-from .library_noise import quiet_library_noise
 from .search_space import settings_digest, trial_config, trial_overrides
-from .trials import run_trial
+from .trials import in_fresh_process, run_trial
 
 
 def _current(cfg: Config, name: str) -> Any:
@@ -153,11 +150,7 @@ def sweep(cfg: Config) -> dict:
             continue
         print(f"point {index}/{len(points)}: {factor} = {params[factor]}", flush=True)
         started = time.perf_counter()
-        # A fresh process per point: its peak memory is its own, not the high-water mark of every
-        # point before it (freed tensors stay in a process's heap).
-        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=quiet_library_noise) as pool:
-            record = pool.submit(_measure_point, cfg, params, Path(tc.runs_dir) / "sweep" / digest).result()
+        record = in_fresh_process(_measure_point, cfg, params, Path(tc.runs_dir) / "sweep" / digest)
         record.update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
         measured[digest] = record
         records.append({**record, **point})

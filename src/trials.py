@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
+from . import atomic_io
 from .config import Config
 from .errors import LoralabError
 from .fine_tune_lora import train
-from . import atomic_io
+from .library_noise import quiet_library_noise
 from .resource_usage import PeakRss, machine_description
 from .search_space import trial_config
 
@@ -66,12 +69,23 @@ def run_trial(
     return record, trial_cfg
 
 
+def record_path(run_root: Path) -> Path:
+    return run_root / "record.json"
+
+
 def recorded_trial(cfg: Config, params: dict[str, Any], run_root: Path) -> dict:
     """`run_trial` once per run directory: one whose record.json and adapter exist is reused, not retrained;
     an unfinished one resumes from its checkpoint."""
-    record_path = run_root / "record.json"
-    if record_path.is_file() and (run_root / "adapter" / "training_args.json").is_file():
-        return json.loads(record_path.read_text())
+    if record_path(run_root).is_file() and (run_root / "adapter" / "training_args.json").is_file():
+        return json.loads(record_path(run_root).read_text())
     record, _ = run_trial(cfg, params, run_root, reports=1, resume=True)
-    atomic_io.write_json(record_path, record)
+    atomic_io.write_json(record_path(run_root), record)
     return record
+
+
+def in_fresh_process(function: Callable[..., dict], *args: Any) -> dict:
+    """function(*args) in a new spawned process: its peak memory is its own, not the high-water mark of
+    every run before it in this process (freed tensors stay in a process's heap)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_library_noise) as pool:  # a spawned process starts with no filters
+        return pool.submit(function, *args).result()
