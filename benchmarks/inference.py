@@ -48,7 +48,7 @@ def naive(adapter: str, max_tokens: int, requests: int) -> dict:
     from peft import PeftModel
 
     from loralab.config import Config
-    from loralab.formatting import ensure_chat_template, prompt_ids
+    from loralab.data.chat import ensure_chat_template, prompt_ids
     from loralab.model_utils import load_base_model
 
     loaded = load_base_model(Config().model, torch.device("cpu"))

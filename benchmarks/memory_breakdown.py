@@ -52,8 +52,8 @@ def measure(point: dict) -> dict:
     import torch
 
     from loralab.config import Config
-    from loralab.fine_tune_lora import hold_frozen_weights_in
-    from loralab.losses import answer_nll_fast
+    from loralab.training.recipe import hold_frozen_weights_in
+    from loralab.metrics.losses import answer_nll_fast
     from loralab.model_utils import attach_lora, autocast, load_base_model
 
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loralab import atomic_io
+    from loralab.util import atomic_io
 
     parts = ["weights", "activations", "gradients", "optimizer", "other"]
     colors = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#BBBBBB"]

@@ -63,7 +63,7 @@ def _common(examples: int, overrides: dict):
     import torch
 
     from loralab.config import load_config
-    from loralab.data_preparation import load_split
+    from loralab.data.prepare import load_split
 
     cfg = load_config(overrides=[f"{k}={v}" for k, v in overrides.items()])
     torch.manual_seed(cfg.train.seed)
@@ -75,7 +75,7 @@ def _common(examples: int, overrides: dict):
 def _eval_loss(cfg, model_with_adapter, tokenizer, eval_rows) -> float:
     import torch
 
-    from loralab.fine_tune_lora import encode_rows, mean_answer_loss
+    from loralab.training.recipe import encode_rows, mean_answer_loss
 
     examples = encode_rows(tokenizer, eval_rows, cfg.train.max_length)
     return mean_answer_loss(model_with_adapter.float(), examples, tokenizer.pad_token_id, 16, torch.device("cpu"), None)
@@ -86,8 +86,8 @@ def run_plain(examples: int, batch_size: int, overrides: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from loralab.fine_tune_lora import encode_rows
-    from loralab.formatting import EncodedExample, collate
+    from loralab.training.recipe import encode_rows
+    from loralab.data.chat import EncodedExample, collate
     from loralab.model_utils import load_base_model
 
     cfg, rows, eval_rows = _common(examples, overrides)
@@ -119,7 +119,7 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
 
     import torch
 
-    from loralab.fine_tune_lora import encode_rows, train
+    from loralab.training.recipe import encode_rows, train
     from loralab.model_utils import load_adapter, load_base_model
 
     cfg, rows, eval_rows = _common(examples, overrides)

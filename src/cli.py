@@ -28,9 +28,9 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, load_config
-from .errors import LoralabError
-from .library_noise import quiet_library_noise
+from loralab.config import Config, load_config
+from loralab.util.errors import LoralabError
+from loralab.util.library_noise import quiet_library_noise
 
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -138,27 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "config":
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         elif args.verb == "prepare":
-            from .data_preparation import prepare_dataset
+            from loralab.data.prepare import prepare_dataset
 
             card = prepare_dataset(cfg.data)
             print(f"wrote {cfg.data.out_dir}/: {card['processed_records']} records, splits {card['splits']}")
         elif args.verb == "train":
-            from .fine_tune_lora import train
+            from loralab.training.recipe import train
 
             result = train(cfg, resume=args.resume)
             return 130 if result.interrupted else 0
         elif args.verb == "evaluate":
-            from .evaluation import evaluate_model_pair
+            from loralab.metrics.evaluate import evaluate_model_pair
 
             evaluate_model_pair(cfg, adapter_dir=args.adapter)
             print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
         elif args.verb == "merge":
-            from .model_utils import merge_to_directory
+            from loralab.model_utils import merge_to_directory
 
             out = merge_to_directory(cfg.model, args.adapter or cfg.train.output_dir, args.out)
             print(f"wrote the merged model to {out}/ (load it with AutoModelForCausalLM.from_pretrained)")
         elif args.verb == "tune":
-            from .tuning import report_only, tune
+            from loralab.studies.tune import report_only, tune
 
             summary = report_only(cfg) if args.report_only else tune(cfg)
             best = summary["best"]
@@ -168,40 +168,40 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"best of {len(summary['trials'])} trials: trial {best['number']} {best['params']} (eval loss "
                       f"{best['eval_loss']:.4f}); wrote {cfg.tune.results_json}, {cfg.tune.summary_md} and {cfg.tune.best_config_yaml}")
         elif args.verb == "sweep":
-            from .sweep import sweep
+            from loralab.studies.sweep import sweep
 
             summary = sweep(cfg)
             print(f"{len(summary['points'])} points; wrote {cfg.tune.sweep_results_json}, {cfg.tune.sweep_summary_md} "
                   f"and {cfg.tune.sweep_plot}")
         elif args.verb == "export":
-            from .export import export
+            from loralab.deploy.export import export
 
             formats = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else None
             results = export(cfg, adapter_dir=args.adapter, formats=formats)
             print(f"wrote {', '.join(e['path'] for e in results['formats'].values())}"
                   + (f"; report {cfg.export.report_md}" if cfg.export.evaluate else ""))
         elif args.verb == "compare":
-            from .compare import compare
+            from loralab.studies.compare import compare
 
             summary = compare(cfg)
             print(f"{len(summary['methods'])} methods; wrote {cfg.compare.results_json}, {cfg.compare.summary_md} "
                   f"and {cfg.compare.plots_dir}/")
         elif args.verb == "domains":
-            from .domains import run_domains
+            from loralab.studies.domains import run_domains
 
             summary = run_domains(cfg)
             print(f"{len(summary['matrix'])} models x {len(summary['domains'])} domains; wrote {cfg.domains.results_json}, "
                   f"{cfg.domains.summary_md} and {cfg.domains.plots_dir}/")
         elif args.verb == "analysis":
-            from .analysis import write_analysis
+            from loralab.studies.analysis import write_analysis
 
             print(f"wrote {write_analysis()}")
         elif args.verb == "serve":
-            from .server import serve
+            from loralab.deploy.serve.app import serve
 
             serve(cfg)
         elif args.verb == "run":
-            from .pipeline import run_all
+            from loralab.pipeline import run_all
 
             summary = run_all(cfg, resume=args.resume)
             return 130 if summary.get("interrupted") else 0

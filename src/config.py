@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import LoralabError
+from loralab.util.errors import LoralabError
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import atomic_io
-from .config import Config
-from .data_preparation import prepare_dataset
-from .evaluation import evaluate_model_pair
-from .fine_tune_lora import train
+from loralab.util import atomic_io
+from loralab.config import Config
+from loralab.data.prepare import prepare_dataset
+from loralab.metrics.evaluate import evaluate_model_pair
+from loralab.training.recipe import train
 
 
 def run_all(cfg: Config, resume: bool = False) -> dict:

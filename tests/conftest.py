@@ -18,6 +18,8 @@ warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
 from loralab.config import Config, ModelConfig  # noqa: E402
 from loralab.model_utils import resolve_model_dir  # noqa: E402
 
+from helpers.data import QA_ROWS, outputs_under, write_jsonl  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 SMOL_CACHE = REPO / "models" / "base_model"
 
@@ -72,34 +74,10 @@ def tiny_gpt2_dir(smol_tokenizer, tmp_path_factory) -> Path:
     return _save_tiny(GPT2LMHeadModel(config), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
-QA_ROWS = [
-    {"question": f"What does the code X{i:02d} mean?", "answer": f"Condition number {i} of the tiny test set", "task": "t1" if i % 2 else "t2"}
-    for i in range(40)
-]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def outputs_under(cfg: Config, root: Path) -> Config:
-    """Point every file a run writes at `root`, so tests never touch the committed results."""
-    cfg.data.out_dir = str(root / "data")
-    cfg.train.run_dir = str(root / "run")
-    cfg.train.output_dir = str(root / "lora")
-    cfg.train.log_file = str(root / "training_logs.txt")
-    cfg.train.loss_plot = str(root / "loss.png")
-    cfg.eval.results_json = str(root / "eval.json")
-    cfg.eval.report_md = str(root / "report.md")
-    cfg.eval.plots_dir = str(root / "plots")
-    return cfg
-
-
 @pytest.fixture
 def tiny_config(tmp_path, tiny_llama_dir) -> Config:
     """A config whose every output lives under tmp_path, over a prepared 40-row dataset."""
-    from loralab.data_preparation import prepare_dataset
+    from loralab.data.prepare import prepare_dataset
 
     cfg = outputs_under(Config(), tmp_path)
     cfg.data.dataset = str(write_jsonl(tmp_path / "qa.jsonl", QA_ROWS))

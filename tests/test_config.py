@@ -2,7 +2,7 @@ import pytest
 
 from loralab.cli import REPO_CONFIGS, main
 from loralab.config import Config, load_config
-from loralab.errors import LoralabError
+from loralab.util.errors import LoralabError
 
 
 def test_defaults_without_files():

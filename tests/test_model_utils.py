@@ -6,8 +6,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from loralab.config import LoraSettings, ModelConfig
-from loralab.errors import LoralabError
-from loralab.model_utils import attach_lora, find_target_modules, load_base_model, merge_adapter, resolve_autocast_dtype, save_adapter
+from loralab.util.errors import LoralabError
+from loralab.adapters.targets import find_target_modules
+from loralab.model_utils import attach_lora, load_base_model, merge_adapter, resolve_autocast_dtype, save_adapter
 
 
 def test_llama_targets(tiny_llama_dir):

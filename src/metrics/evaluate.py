@@ -1,0 +1,201 @@
+"""`loralab evaluate`: the base model and the fine-tuned one, side by side, on the held-out split.
+
+- Answer perplexity: exp of the token-weighted mean negative log-likelihood of the reference
+  answer tokens (including the end-of-turn token) given the prompt rendered with the tokenizer's
+  own chat template: exp(sum of NLL over all answer tokens / number of answer tokens).
+- Domain accuracy: greedy answers to the first `eval.generation_per_task` questions of each task,
+  scored by the task's primary metric (metrics.PRIMARY_METRIC); the headline is the macro mean
+  over task types, in percent.
+- Before/after answers to a fixed set of prompts (the first `eval.showcase_per_task` per task).
+
+The adapter is loaded with plain `PeftModel.from_pretrained`, and the base model's numbers come
+from the same object with the adapter disabled, so the base model is loaded once.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import nullcontext
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from loralab.util import atomic_io
+from loralab.config import Config
+from loralab.data.prepare import load_split
+from loralab.util.errors import LoralabError
+from loralab.data.chat import collate, encode_chat, ensure_chat_template, left_pad, prompt_ids
+from loralab.metrics.losses import answer_token_nll
+from loralab.metrics.text import primary_metric, score_all
+from loralab.model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
+
+
+@torch.no_grad()
+def answer_perplexity(model, tokenizer, rows: list[dict], batch_size: int, max_length: int, device, amp_dtype) -> dict:
+    """Token-weighted answer perplexity, overall and per task."""
+    model.eval()
+    encoded = [(row["task"], encode_chat(tokenizer, row["messages"], max_length)) for row in rows]
+    encoded = [(task, e) for task, e in encoded if e is not None]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1].input_ids))
+    nll_sum: dict[str, float] = defaultdict(float)
+    tokens: dict[str, int] = defaultdict(int)
+    for start in range(0, len(order), batch_size):
+        chunk = [encoded[i] for i in order[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate([e for _, e in chunk], tokenizer.pad_token_id).items()}
+        with autocast(device, amp_dtype):
+            nll, rows_of_tokens = answer_token_nll(model, batch)
+        per_row = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows_of_tokens.cpu(), nll.double().cpu())
+        for (task, example), value in zip(chunk, per_row.tolist()):
+            nll_sum[task] += value
+            tokens[task] += example.n_label_tokens
+    total_nll, total_tokens = sum(nll_sum.values()), sum(tokens.values())
+    if not total_tokens:
+        raise LoralabError(f"no evaluation example fits in train.max_length={max_length}")
+    return {
+        "examples_scored": len(encoded),
+        "perplexity": math.exp(total_nll / total_tokens),
+        "answer_tokens": total_tokens,
+        "per_task_ppl": {task: math.exp(nll_sum[task] / tokens[task]) for task in sorted(tokens)},
+    }
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, device, amp_dtype, desc: str) -> list[str]:
+    """Greedy, batched (left-padded, longest prompts together), KV-cached answers."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    prompts = [prompt_ids(tokenizer, row["messages"]) for row in rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+        indices = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in left_pad([prompts[i] for i in indices], tokenizer.pad_token_id).items()}
+        with autocast(device, amp_dtype):
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        width = batch["input_ids"].shape[1]
+        for i, sequence in zip(indices, output[:, width:]):
+            answers[i] = tokenizer.decode(sequence, skip_special_tokens=True).strip()
+    return answers
+
+
+def generation_subset(rows: list[dict], per_task: int) -> list[dict]:
+    """The first `per_task` rows (or samples) of each task, in order (splits are stored shuffled)."""
+    taken: dict[str, int] = defaultdict(int)
+    subset = []
+    for row in rows:
+        if taken[row["task"]] < per_task:
+            taken[row["task"]] += 1
+            subset.append(row)
+    return subset
+
+
+def score_answers(rows: list[dict], answers: list[str]) -> dict:
+    """Per task: every metric's mean, and the task's primary metric with its standard error
+    (std of the per-question scores / sqrt(n)); the headline is the macro mean over tasks."""
+    by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for row, answer in zip(rows, answers):
+        by_task[row["task"]].append((answer, row["answer"]))
+    per_task = {}
+    for task, pairs in sorted(by_task.items()):
+        scores = [score_all(a, r) for a, r in pairs]
+        means = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
+        metric = primary_metric(task, [r for _, r in pairs])
+        values = [s[metric] for s in scores]
+        variance = sum((v - means[metric]) ** 2 for v in values) / max(len(values) - 1, 1)
+        per_task[task] = {"n": len(pairs), "primary_metric": metric, "primary": means[metric],
+                          "primary_se": math.sqrt(variance / len(values)), **means}
+    k = len(per_task)
+    return {
+        "domain_accuracy": 100 * sum(v["primary"] for v in per_task.values()) / k,
+        "domain_accuracy_se": 100 * math.sqrt(sum(v["primary_se"] ** 2 for v in per_task.values())) / k,
+        "per_task": per_task,
+    }
+
+
+def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generation_per_task: int) -> dict:
+    """Answer perplexity and domain accuracy of base+adapter alone on `split` (sweeps use "eval",
+    so the test split stays untouched until the final comparison)."""
+    rows = load_split(cfg.data.out_dir, split)
+    if not rows:
+        raise LoralabError(f"{cfg.data.out_dir}/{split}_split.json is empty")
+    device = resolve_device(cfg.model.device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    loaded = load_base_model(cfg.model, device)
+    ensure_chat_template(loaded.tokenizer)
+    model = load_adapter(loaded.model, adapter_dir)
+    return measure_quality(cfg, model, loaded.tokenizer, rows, generation_per_task, device, amp_dtype)
+
+
+def measure_quality(cfg: Config, model, tokenizer, rows: list[dict], generation_per_task: int, device, amp_dtype) -> dict:
+    """Answer perplexity over `rows` and domain accuracy over the first `generation_per_task` per task."""
+    gen_rows = generation_subset(rows, generation_per_task)
+    ppl = answer_perplexity(model, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
+    answers = generate_answers(model, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype,
+                               desc="generate")
+    return {**ppl, **score_answers(gen_rows, answers), "generation_examples": len(gen_rows)}
+
+
+def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quiet: bool = False) -> dict:
+    """Evaluate base and base+adapter on `cfg.eval.split`; write JSON, Markdown report and plots."""
+    from loralab.metrics.report import write_report
+
+    adapter_dir = Path(adapter_dir or cfg.train.output_dir)
+    if cfg.eval.generation_per_task < 1:
+        raise LoralabError("eval.generation_per_task must be at least 1")
+    rows = load_split(cfg.data.out_dir, cfg.eval.split)
+    if not rows:
+        raise LoralabError(f"{cfg.data.out_dir}/{cfg.eval.split}_split.json is empty")
+    device = resolve_device(cfg.model.device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    loaded = load_base_model(cfg.model, device)
+    tokenizer = loaded.tokenizer
+    ensure_chat_template(tokenizer)
+    model = load_adapter(loaded.model, adapter_dir)
+    gen_rows = generation_subset(rows, cfg.eval.generation_per_task)
+
+    results: dict = {"split": cfg.eval.split, "examples": len(rows), "generation_examples": len(gen_rows),
+                     "adapter_dir": str(adapter_dir), "base_model": loaded.base_name, "models": {}}
+    answers: dict[str, list[str]] = {}
+    for name in ("base", "fine_tuned"):
+        started = time.perf_counter()
+        if is_full_model_dir(adapter_dir):  # lora.method=full: a whole tuned model beside the base
+            current, context = (loaded.model if name == "base" else model), nullcontext()
+        else:  # one object: the base numbers come from the same model with the adapter disabled
+            current, context = model, model.disable_adapter() if name == "base" else nullcontext()
+        with context:
+            ppl = answer_perplexity(current, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
+            answers[name] = generate_answers(
+                current, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype, desc=f"generate ({name})"
+            )
+        results["models"][name] = {**ppl, **score_answers(gen_rows, answers[name]), "seconds": round(time.perf_counter() - started, 1)}
+        if not quiet:
+            m = results["models"][name]
+            print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f} "
+                  f"± {m['domain_accuracy_se']:.1f}%", flush=True)
+
+    base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
+    results["summary"] = {
+        "perplexity_ratio_base_over_tuned": base["perplexity"] / tuned["perplexity"],
+        "domain_accuracy_gain_points": tuned["domain_accuracy"] - base["domain_accuracy"],
+    }
+    results["samples"] = [
+        {"task": row["task"], "question": row["question"], "reference": row["answer"],
+         "base": answers["base"][i], "fine_tuned": answers["fine_tuned"][i]}
+        for i, row in enumerate(gen_rows)
+    ]
+    results["showcase"] = generation_subset(results["samples"], cfg.eval.showcase_per_task)
+    atomic_io.write_json(cfg.eval.results_json, results)
+    write_report(results, cfg)
+    return results
+

@@ -1,0 +1,97 @@
+"""The Markdown report and plots for an evaluation (experiments/report.md, experiments/plots/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loralab.util import atomic_io
+from loralab.config import Config
+
+
+def _cell(text: str, limit: int = 220) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bar_plot(path: Path, title: str, ylabel: str, labels: list[str], base: list[float], tuned: list[float], log: bool = False) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels)), 4))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], base, width=0.4, label="base", color="#9aa5b1")
+    ax.bar([i + 0.2 for i in x], tuned, width=0.4, label="fine-tuned (LoRA)", color="#2f6fdf")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([l.replace("_", "\n") for l in labels], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if log:
+        ax.set_yscale("log")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_io.save_figure(fig, path)
+    plt.close(fig)
+
+
+def write_report(results: dict, cfg: Config) -> None:
+    base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
+    tasks = sorted(base["per_task"])
+    plots = Path(cfg.eval.plots_dir)
+    report_path = Path(cfg.eval.report_md)
+    rel = lambda p: Path(os.path.relpath(p, report_path.parent)).as_posix()  # noqa: E731
+
+    _bar_plot(plots / "accuracy_by_task.png", "Domain accuracy by task (primary metric)", "score (0-1)",
+              tasks, [base["per_task"][t]["primary"] for t in tasks], [tuned["per_task"][t]["primary"] for t in tasks])
+    ppl_tasks = sorted(base["per_task_ppl"])
+    _bar_plot(plots / "perplexity_by_task.png", "Answer perplexity by task (lower is better)", "perplexity (log scale)",
+              ppl_tasks, [base["per_task_ppl"][t] for t in ppl_tasks], [tuned["per_task_ppl"][t] for t in ppl_tasks], log=True)
+
+    s = results["summary"]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Base model `{results['base_model']}` versus the same model with the LoRA adapter in `{results['adapter_dir']}`, "
+        f"on the held-out **{results['split']}** split ({results['models']['base']['examples_scored']} examples for perplexity, "
+        f"{results['generation_examples']} for generated-answer accuracy). Regenerate with `loralab evaluate`.",
+        "",
+        "| metric | base | fine-tuned | change |",
+        "|---|---:|---:|---:|",
+        f"| answer perplexity (token-weighted, lower is better) | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} | {s['perplexity_ratio_base_over_tuned']:.2f}x lower |",
+        f"| domain accuracy (macro mean of per-task primary metric, %, ± standard error) | {base['domain_accuracy']:.1f} ± {base['domain_accuracy_se']:.1f} "
+        f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} | {s['domain_accuracy_gain_points']:+.1f} points |",
+        "",
+        "## Per task",
+        "",
+        "| task | n | primary metric | base | fine-tuned | base EM | tuned EM | base contains | tuned contains | base ppl | tuned ppl |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in tasks:
+        b, f = base["per_task"][t], tuned["per_task"][t]
+        lines.append(
+            f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} ± {b['primary_se']:.3f} | {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['exact_match']:.3f} | "
+            f"{f['exact_match']:.3f} | {b['contains']:.3f} | {f['contains']:.3f} | {base['per_task_ppl'].get(t, float('nan')):.2f} | "
+            f"{tuned['per_task_ppl'].get(t, float('nan')):.2f} |"
+        )
+    lines += [
+        "",
+        "± is one standard error over the questions of a task (with 20 questions, an exact-match rate of 0.5 has ± 0.11). "
+        "`contains` credits an answer that includes the reference anywhere (lenient towards the verbose base model); "
+        "exact match and token F1 use SQuAD normalisation (lower case, no punctuation or articles).",
+        "",
+        f"![accuracy by task]({rel(plots / 'accuracy_by_task.png')})",
+        f"![perplexity by task]({rel(plots / 'perplexity_by_task.png')})",
+        "",
+        "## Before and after",
+        "",
+        "| task | question | reference | base | fine-tuned |",
+        "|---|---|---|---|---|",
+    ]
+    for sample in results["showcase"]:
+        lines.append(f"| {sample['task']} | {_cell(sample['question'])} | {_cell(sample['reference'])} | "
+                     f"{_cell(sample['base'])} | {_cell(sample['fine_tuned'])} |")
+    lines.append("")
+    atomic_io.write_text(report_path, "\n".join(lines))

@@ -1,0 +1,288 @@
+"""`loralab compare`: every fine-tuning method on the same data and example budget, each with its own
+learning rate, several seeds, measured once on the test split.
+
+1. Learning rate, per method: one run per candidate in `compare.learning_rates` (first seed), scored
+   by eval-split loss. When the best candidate is the grid's largest or smallest, the grid is extended
+   past it by the grid's own ratio (up to `compare.lr_extensions` times), so that no method is judged
+   at a learning rate that was simply too timid. The test split plays no part in this choice.
+2. Seeds: the chosen learning rate with every seed in `compare.seeds`; each adapter is measured on
+   the test split (answer perplexity, domain accuracy per task), with its trainable parameters, size
+   on disk, training tokens/s, peak RSS and wall time.
+Every run is in a fresh process (its peak memory is its own) and is recorded as soon as it ends;
+a killed compare skips finished runs when started again, also from a fresh clone: each run's record is also
+kept in `compare.records_dir`, which is committed with the results. Results: `compare.results_json`, a
+Markdown table and plots of quality against trainable parameters, memory and time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from loralab.util import atomic_io
+from loralab.config import Config
+from loralab.data.prepare import prepare_dataset
+from loralab.util.errors import LoralabError
+from loralab.metrics.evaluate import evaluate_adapter
+from loralab.model_utils import quantization_config
+from loralab.adapters.methods import METHODS, validate
+from loralab.util.resources import machine_summary
+from loralab.studies.space import settings_digest, trial_config
+from loralab.studies.runner import in_fresh_process, record_path, recorded_trial
+
+
+def _budgeted(cfg: Config) -> Config:
+    """The compare budget expressed as the tuning budget that trial_config applies."""
+    import copy
+
+    out = copy.deepcopy(cfg)
+    out.tune.trial_examples = cfg.compare.train_examples
+    out.tune.trial_eval_examples = cfg.compare.eval_examples
+    return out
+
+
+def check(cfg: Config) -> None:
+    """Every bad method name or option fails here, before any training."""
+    cc = cfg.compare
+    if not cc.methods or not cc.seeds:
+        raise LoralabError("compare.methods and compare.seeds must not be empty")
+    for entry in cc.methods:
+        method, quantized = split_entry(entry)
+        trial = trial_config(_budgeted(cfg), _params(cfg, entry, 1e-3, cc.seeds[0]), Path("."), 1)  # what will run
+        try:
+            validate(trial.lora, quantized)
+            quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
+        except LoralabError as exc:
+            raise LoralabError(f"compare.methods: {entry}: {exc}") from None
+        if method == "adalora" and trial.train.max_steps < 5:
+            raise LoralabError(f"compare.methods: adalora needs at least 5 steps; compare.train_examples="
+                               f"{cc.train_examples} at batch {trial.train.batch_size} gives {trial.train.max_steps}")
+        rates = cc.learning_rates.get(entry, cc.learning_rates.get(method))
+        if not rates or not all(isinstance(r, (int, float)) and r > 0 for r in rates):
+            raise LoralabError(f"compare.learning_rates.{method}: give a non-empty list of positive learning rates")
+    if cc.train_examples < 1 or cc.generation_per_task < 1:
+        raise LoralabError("compare.train_examples and compare.generation_per_task must be at least 1")
+
+
+def split_entry(entry: str) -> tuple[str, str]:
+    """A compare entry is a method, optionally on a quantized base: "lora", "lora@nf4", "dora@int8"."""
+    method, _, quantized = entry.partition("@")
+    return method, quantized or "none"
+
+
+def _params(cfg: Config, entry: str, lr: float, seed: int) -> dict:
+    method, quantized = split_entry(entry)
+    params = {"lora.method": method, "train.learning_rate": lr, "train.seed": seed}
+    # Options of one method stay with it: a config's loraplus_lr_ratio must not reach the other methods.
+    if method != "loraplus" and cfg.lora.loraplus_lr_ratio is not None:
+        params["lora.loraplus_lr_ratio"] = None
+    if method != "adalora" and cfg.lora.adalora_init_r is not None:
+        params["lora.adalora_init_r"] = None
+    if quantized != "none":
+        params["model.quantize_base"] = quantized
+    if method == "ia3":
+        params["lora.target_modules"] = "auto"
+    return params
+
+
+def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
+    """One training run (resumable), plus its test-split quality when test_generation > 0."""
+    record = recorded_trial(cfg, params, run_root)
+    if test_generation and "test" not in record:
+        trial_cfg = trial_config(cfg, params, run_root, 1)
+        quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
+        record["test"] = {"perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
+                          "per_task": {task: v["primary"] for task, v in quality["per_task"].items()}}
+        atomic_io.write_json(record_path(run_root), record)
+    return record
+
+
+def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
+    """A finished run's record, from its run directory or from the committed record store
+    (`compare.records_dir`, so a fresh clone continues a comparison without retraining); otherwise the run,
+    in its own process. Every record is copied into the store as soon as it exists."""
+    stored = Path(cfg.compare.records_dir) / f"{run_root.name}.json"
+    for path in (record_path(run_root), stored):
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if "test" in record or not test_generation:
+                if path != stored:
+                    atomic_io.write_json(stored, record)  # the store may hold an older record (before its test)
+                return record  # finished: no process to start
+    record = in_fresh_process(_run, cfg, params, run_root, test_generation)
+    atomic_io.write_json(stored, record)
+    return record
+
+
+def compare(cfg: Config) -> dict:
+    check(cfg)
+    cc = cfg.compare
+    card = prepare_dataset(cfg.data)
+    if not card["splits"]["eval"] or not card["splits"]["test"]:
+        raise LoralabError("compare needs non-empty eval and test splits: raise data.eval_fraction / data.test_fraction")
+    budget = _budgeted(cfg)
+    rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
+    runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
+    done_runs = 0
+    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machines": [],
+                     "methods_planned": list(cc.methods),
+                     "generation_per_task": cc.generation_per_task, "methods": {}}
+    for method in cc.methods:  # a method, or method@quantized-base
+        search: list[dict] = []
+        pending = list(rates[method])
+        while pending:
+            lr = pending.pop(0)
+            done_runs += 1
+            params = _params(cfg, method, lr, cc.seeds[0])
+            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
+            print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
+            record = _in_fresh_process(budget, params, root, 0)
+            _note_machine(summary, record)
+            search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
+            if not pending:
+                beyond = lr_beyond_edge(search, rates[method], cc.lr_extensions)
+                if beyond is not None:
+                    pending.append(beyond)
+                    runs_total += 1
+                    print(f"{method}: the best learning rate is at the edge of the grid; trying {beyond:g}", flush=True)
+        finite = [s for s in search if math.isfinite(s["eval_loss"])]  # a diverged candidate (NaN) never wins
+        if not finite:
+            raise LoralabError(f"{method}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
+        best_lr = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
+        seeds = []
+        for seed in cc.seeds:
+            params = _params(cfg, method, best_lr, seed)
+            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
+            if seed != cc.seeds[0]:
+                done_runs += 1
+            print(f"[{done_runs}/{runs_total}] {method}: lr {best_lr:g}, seed {seed} (test split)", flush=True)
+            seeds.append({"seed": seed, **_in_fresh_process(budget, params, root, cc.generation_per_task)})
+            _note_machine(summary, seeds[-1])
+        summary["methods"][method] = _aggregate(method, best_lr, search, seeds)
+        _write(cfg, summary)  # after every method: a killed compare keeps what it measured
+    return summary
+
+
+def _note_machine(summary: dict, record: dict) -> None:
+    """The CPUs the summary's runs trained on (a comparison continued elsewhere spans several)."""
+    if "machine" in record and (name := machine_summary(record["machine"])) not in summary["machines"]:
+        summary["machines"].append(name)
+
+
+def lr_beyond_edge(search: list[dict], grid: list[float], max_extensions: int) -> float | None:
+    """The next learning rate past the grid's edge when the best finite eval loss so far sits on that edge.
+
+    The step is the grid's mean ratio (sqrt(10) for 1e-3, 3e-3, 1e-2), rounded to two significant
+    digits: the extension searches as finely as the grid did. None when the best is inside, every
+    candidate diverged, the grid has one point, or max_extensions candidates were already added.
+    """
+    finite = [s for s in search if math.isfinite(s["eval_loss"])]
+    if not finite or len(grid) < 2 or len(search) - len(grid) >= max_extensions:
+        return None
+    tried = sorted(s["learning_rate"] for s in search)
+    best = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
+    ordered = sorted(grid)
+    step = (ordered[-1] / ordered[0]) ** (1 / (len(ordered) - 1))
+    if best == tried[-1]:
+        return float(f"{best * step:.2g}")
+    if best == tried[0]:
+        return float(f"{best / step:.2g}")
+    return None
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _aggregate(entry: str, lr: float, search: list[dict], seeds: list[dict]) -> dict:
+    method, quantized = split_entry(entry)
+    description = METHODS[method] + ("" if quantized == "none" else f", base held in {quantized} (bitsandbytes)")
+    out = {"description": description, "learning_rate": lr, "lr_search": search, "runs": seeds}
+    for key, getter in {
+        "test_perplexity": lambda r: r["test"]["perplexity"],
+        "domain_accuracy": lambda r: r["test"]["domain_accuracy"],
+        "eval_loss": lambda r: r["eval_loss"],
+        "tokens_per_s": lambda r: r["tokens_per_s"],
+        "peak_rss_mb": lambda r: r["peak_rss_mb"],
+        "wall_seconds": lambda r: r["wall_seconds"],
+    }.items():
+        out[key], out[key + "_sd"] = _mean_sd([getter(r) for r in seeds])
+    tasks = seeds[0]["test"]["per_task"]
+    out["per_task"] = {t: statistics.fmean(r["test"]["per_task"][t] for r in seeds) for t in tasks}
+    out["trainable_parameters"] = seeds[0]["trainable_parameters"]
+    out["adapter_mb"] = seeds[0]["adapter_mb"]
+    return out
+
+
+def _markdown(cfg: Config, summary: dict) -> str:
+    cc = cfg.compare
+    methods = summary["methods"]
+    tasks = sorted({t for m in methods.values() for t in m["per_task"]})
+    lines = [
+        "# Method comparison",
+        "",
+        f"Generated by `loralab compare`. Every method trains on the same {cc.train_examples} examples of the bundled "
+        f"training split with its own learning rate (chosen by eval-split loss among the listed candidates, seed "
+        f"{cc.seeds[0]}), then runs with seeds {', '.join(map(str, cc.seeds))}. Quality is on the test split: answer "
+        f"perplexity over all test examples, domain accuracy over {cc.generation_per_task} test questions per task. "
+        "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
+        f"are on {' and '.join(summary.get('machines')) or 'this machine'}.",
+        "",
+        *([f"**Partial:** {len(methods)} of {len(summary['methods_planned'])} entries measured so far; not yet: "
+           f"{', '.join(m for m in summary['methods_planned'] if m not in methods)}. `loralab compare` continues.", ""]
+          if set(summary.get("methods_planned", methods)) - set(methods) else []),
+        "| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in sorted(methods.items(), key=lambda kv: kv[1]["test_perplexity"]):
+        lines.append(f"| {name} | {m['learning_rate']:g} | {m['test_perplexity']:.3f} ± {m['test_perplexity_sd']:.3f} | "
+                     f"{m['domain_accuracy']:.1f} ± {m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | "
+                     f"{m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | {m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
+    lines += ["", "Domain accuracy per task type (primary metric, %, mean over seeds):", "",
+              "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * m['per_task'].get(t, math.nan):.1f}" for t in tasks) + " |")
+    lines += ["", "Learning-rate search (eval-split loss, first seed; candidates past the configured grid were added because the best sat on its edge):", ""]
+    for name, m in methods.items():
+        lines.append(f"- {name}: " + ", ".join(f"{s['learning_rate']:g} → {s['eval_loss']:.4f}" for s in m["lr_search"]))
+    rel = os.path.relpath(Path(cc.plots_dir).resolve() / "quality_tradeoffs.png", Path(cc.summary_md).resolve().parent)
+    return "\n".join(lines + ["", f"![quality trade-offs]({rel})", ""])
+
+
+def _plot(cfg: Config, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = summary["methods"]
+    panels = [("trainable_parameters", "trainable parameters", True), ("peak_rss_mb", "peak RSS while training (MB)", False),
+              ("wall_seconds", "training wall time (s)", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for row, (quality, label) in enumerate([("test_perplexity", "test answer perplexity (lower is better)"),
+                                            ("domain_accuracy", "test domain accuracy % (higher is better)")]):
+        for col, (cost, cost_label, log) in enumerate(panels):
+            ax = axes[row][col]
+            for name, m in methods.items():
+                ax.errorbar(m[cost], m[quality], yerr=m[quality + "_sd"], xerr=m.get(cost + "_sd", 0), fmt="o", capsize=3)
+                ax.annotate(name, (m[cost], m[quality]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if log:
+                ax.set_xscale("log")
+            ax.set_xlabel(cost_label)
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+    fig.suptitle(f"Methods on {summary['train_examples']} training examples, mean ± sd over seeds {summary['seeds']}")
+    fig.tight_layout()
+    atomic_io.save_figure(fig, Path(cfg.compare.plots_dir) / "quality_tradeoffs.png")
+    plt.close(fig)
+
+
+def _write(cfg: Config, summary: dict) -> None:
+    atomic_io.write_json(cfg.compare.results_json, summary)  # first: the measurements must survive a plotting error
+    _plot(cfg, summary)
+    atomic_io.write_text(cfg.compare.summary_md, _markdown(cfg, summary))
+
