@@ -121,7 +121,7 @@ class Server:
                 return
             except OSError:
                 if self.process.poll() is not None:
-                    raise SystemExit(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
+                    raise SystemExit(f"server exited: {Path(self.log.name).read_text()[-2000:]}") from None
                 time.sleep(0.3)
         raise SystemExit("server did not start in 180 s")
 
@@ -218,8 +218,15 @@ def main() -> None:
     gguf_files = sorted((REPO / "models" / "fine_tuned_model").glob("*.Q8_0.gguf"))
     if gguf_files:
         results["llama_cpp"] = llama_cpp(gguf_files[0], args.max_tokens, requests=8)
-        print("llama.cpp: " + (f"{results['llama_cpp']['tokens_per_s']:.1f} tokens/s (stops at end of turn; no ignore_eos)"
-                               if results["llama_cpp"] else "skipped (pip install llama-cpp-python: compiles ~13 min)"), flush=True)
+        print(
+            "llama.cpp: "
+            + (
+                f"{results['llama_cpp']['tokens_per_s']:.1f} tokens/s (stops at end of turn; no ignore_eos)"
+                if results["llama_cpp"]
+                else "skipped (pip install llama-cpp-python: compiles ~13 min)"
+            ),
+            flush=True,
+        )
     out = REPO / "benchmarks" / "results" / "inference.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -2,8 +2,8 @@
 
     python benchmarks/memory_breakdown.py      # ~4 minutes; writes the JSON and the plot below
 
-One training step (forward, backward, AdamW step) of the bundled SmolLM2 with loralab's training
-path, in a fresh process per point so each peak RSS is the point's own. Around loralab's default
+One training step (forward, backward, AdamW step) of the bundled SmolLM2 as loralab's own `setup()`
+(training/recipe.py) builds it, in a fresh process per point so each peak RSS is the point's own. Around loralab's default
 (batch 8, length 256, LoRA r=8 on attention, bf16 frozen weights with bf16 autocast, no gradient
 checkpointing), one factor at a time: batch size, sequence length, rank, gradient checkpointing,
 frozen-weight dtype. Synthetic batches of exactly the given length, the last half of every
@@ -49,28 +49,21 @@ MB = 1024 * 1024
 
 
 def measure(point: dict) -> dict:
+    import tempfile
+
     import torch
 
-    from loralab.config import Config
-    from loralab.training.recipe import hold_frozen_weights_in
-    from loralab.metrics.losses import answer_nll_fast
-    from loralab.model_utils import attach_lora, autocast, load_base_model
+    from loralab.model_utils import autocast
+    from loralab.training.recipe import setup
 
-    torch.manual_seed(0)
-    cfg = Config()
-    cfg.lora.r, cfg.lora.alpha = point["rank"], 2 * point["rank"]
-    device = torch.device("cpu")
-    loaded = load_base_model(cfg.model, device)
-    model = attach_lora(loaded.model, cfg.lora)
-    hold_frozen_weights_in(model, torch.bfloat16 if point["frozen_dtype"] == "bf16" else torch.float32)
-    if point["checkpointing"]:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    with tempfile.TemporaryDirectory(prefix="memory_breakdown_") as scratch:
+        state = setup(_config(point, Path(scratch)), quiet=True)  # loralab's own model, numerics and optimizer
+    model, optimizer, trainable = state.model, state.optimizer, state.trainable_params
+    vocab_size = model.config.vocab_size
 
     b, t = point["batch_size"], point["seq_len"]
-    input_ids = torch.randint(0, loaded.model.config.vocab_size, (b, t))
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (b, t))
     labels = input_ids.clone()
     labels[:, : t // 2] = -100
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
@@ -85,22 +78,44 @@ def measure(point: dict) -> dict:
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        with autocast(device, torch.bfloat16):
-            nll, n = answer_nll_fast(model, batch)
+        with autocast(state.device, state.amp_dtype):
+            nll, n = state.answer_nll(model, batch)
     (nll / n).backward()
     optimizer.step()
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    moments = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     parts = {
         "weights": sum(p.numel() * p.element_size() for p in model.parameters()),
         "activations": sum(saved.values()),
         "gradients": sum(p.grad.numel() * p.grad.element_size() for p in trainable),
-        "optimizer": sum(v.numel() * v.element_size() for v in state),
+        "optimizer": sum(v.numel() * v.element_size() for v in moments),
     }
     out = {k: round(v / MB, 1) for k, v in parts.items()}
     out["peak_rss"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out["other"] = round(out["peak_rss"] - sum(out[k] for k in parts), 1)
     out["trainable_params"] = sum(p.numel() for p in trainable)
     return out
+
+
+def _config(point: dict, scratch: Path):
+    """loralab's default config at this point, every output under `scratch`. The batches are synthetic,
+    so the data split there is a few rows: enough for setup() to plan one step, nothing to hold in memory."""
+    from loralab.config import Config
+
+    cfg = Config()
+    cfg.model.device, cfg.model.precision = "cpu", "bf16"
+    cfg.model.frozen_dtype = point["frozen_dtype"]
+    cfg.model.gradient_checkpointing = point["checkpointing"]
+    cfg.lora.r, cfg.lora.alpha = point["rank"], 2 * point["rank"]
+    cfg.train.learning_rate, cfg.train.weight_decay, cfg.train.max_steps = 1e-4, 0.0, 1
+    cfg.data.out_dir = str(scratch / "data")
+    cfg.train.run_dir, cfg.train.output_dir = str(scratch / "run"), str(scratch / "lora")
+    cfg.train.results_dir, cfg.train.plot_loss = str(scratch / "results"), False
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]}
+            for i in range(cfg.train.batch_size * cfg.train.gradient_accumulation)]
+    (scratch / "data").mkdir(parents=True)
+    for split in ("train", "eval"):
+        (scratch / "data" / f"{split}_split.json").write_text(json.dumps(rows))
+    return cfg
 
 
 def points() -> list[tuple[str, dict]]:
@@ -150,7 +165,7 @@ def main() -> None:
             print(f"measuring {point} ...", flush=True)
             out = subprocess.run([sys.executable, __file__, "--point", key], capture_output=True, text=True,
                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+            line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
             if out.returncode != 0 or line is None:
                 sys.exit(f"{point} failed:\n{out.stderr[-3000:]}")
             cache[key] = json.loads(line[len("RESULT "):])
@@ -161,7 +176,9 @@ def main() -> None:
         print(f"{r['factor']:<15}{str(r['point'][r['factor']]):>7}{m['weights']:>9.1f}{m['activations']:>9.1f}{m['gradients']:>8.1f}"
               f"{m['optimizer']:>8.1f}{m['other']:>8.1f}{m['peak_rss']:>10.1f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python benchmarks/memory_breakdown.py", "default": DEFAULT, "rows": rows}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps({"command": "python benchmarks/memory_breakdown.py", "default": DEFAULT, "rows": rows}, indent=2) + "\n"
+    )
     plot(rows)
     print(f"wrote {RESULTS.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
 

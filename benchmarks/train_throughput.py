@@ -5,13 +5,14 @@
 
 (a) plain: transformers.Trainer + PEFT LoRA, fp32, batches padded to their longest sequence, logits
     for every position (the model's own loss), the Trainer's random batch order;
-(b) loralab: `loralab.fine_tune_lora.train` with the default config: bf16 autocast where the CPU has
+(b) loralab: `loralab.training.recipe.train` with the default config: bf16 autocast where the CPU has
     it, frozen base weights held in bf16, length-bucketed batches, the output head only at answer
     positions. The ablation adds loralab's loop with every technique off, each technique alone on
     top of that, and the default plus torch.compile.
 Same bundled model, same first N training examples of data/train_split.json, same LoRA config
 (r=8, alpha=16, dropout 0.05, q/k/v/o), learning rate, schedule and seed. Each path runs in its own
-subprocess, so peak RSS (the process's peak up to the end of training) is its own. Printed per path: effective tokens/s (non-padding prompt and
+subprocess, so peak RSS (the process's peak up to the end of training) is its own.
+Printed per path: effective tokens/s (non-padding prompt and
 answer tokens / training wall time, model load excluded), peak RSS, eval loss on the first 64 eval
 examples (fp32 base + the trained adapter, the same function for every path), model FLOP
 utilisation; then the ratios to (a). Run `loralab prepare` first (make run does).
@@ -45,7 +46,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "train_throughput.json"
 
-ALL_OFF = {"model.precision": "fp32", "model.frozen_dtype": "fp32", "train.length_bucketing": False, "train.answer_only_logits": False}
+ALL_OFF = {
+    "model.precision": "fp32",
+    "model.frozen_dtype": "fp32",
+    "train.length_bucketing": False,
+    "train.answer_only_logits": False,
+}
 # name -> config overrides of loralab's default config
 VARIANTS = {
     "loralab, every technique off": ALL_OFF,
@@ -75,7 +81,8 @@ def _common(examples: int, overrides: dict):
 def _eval_loss(cfg, model_with_adapter, tokenizer, eval_rows) -> float:
     import torch
 
-    from loralab.training.recipe import encode_rows, mean_answer_loss
+    from loralab.training.batching import encode_rows
+    from loralab.training.eval_loss import mean_answer_loss
 
     examples = encode_rows(tokenizer, eval_rows, cfg.train.max_length)
     return mean_answer_loss(model_with_adapter.float(), examples, tokenizer.pad_token_id, 16, torch.device("cpu"), None)
@@ -86,14 +93,19 @@ def run_plain(examples: int, batch_size: int, overrides: dict) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from loralab.training.recipe import encode_rows
     from loralab.data.chat import EncodedExample, collate
     from loralab.model_utils import load_base_model
+    from loralab.training.batching import encode_rows
 
     cfg, rows, eval_rows = _common(examples, overrides)
     loaded = load_base_model(cfg.model, torch.device("cpu"))
     train_examples = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
-    model = get_peft_model(loaded.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        loaded.model,
+        LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        ),
+    )
     dataset = [{"input_ids": e.input_ids, "labels": e.labels} for e in train_examples]
 
     class Examples:  # what the Trainer's collator receives: pad to the longest in the batch
@@ -111,7 +123,12 @@ def run_plain(examples: int, batch_size: int, overrides: dict) -> dict:
     started = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows), **_workload(cfg, loaded, train_examples, model)}
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": _peak_rss_mb(),
+        "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows),
+        **_workload(cfg, loaded, train_examples, model),
+    }
 
 
 def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
@@ -119,8 +136,9 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
 
     import torch
 
-    from loralab.training.recipe import encode_rows, train
     from loralab.model_utils import load_adapter, load_base_model
+    from loralab.training.batching import encode_rows
+    from loralab.training.recipe import train
 
     cfg, rows, eval_rows = _common(examples, overrides)
     tmp = Path(tempfile.mkdtemp(prefix="bench_loralab_"))
@@ -132,7 +150,7 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
     cfg.train.eval_every = 0
     cfg.train.save_every = 0
     cfg.train.run_dir, cfg.train.output_dir = str(tmp / "run"), str(tmp / "lora")
-    cfg.train.log_file, cfg.train.loss_plot = str(tmp / "log.txt"), ""
+    cfg.train.results_dir, cfg.train.plot_loss = str(tmp / "results"), False
     train(cfg, quiet=True)
     peak_rss = _peak_rss_mb()  # before the evaluation below loads a second copy of the model
     args = json.loads((tmp / "lora" / "training_args.json").read_text())
@@ -142,8 +160,13 @@ def run_loralab(examples: int, batch_size: int, overrides: dict) -> dict:
     train_examples = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
     # tokens/s of the steps after the first three (torch.compile compiles during the first ones)
     steady = sorted(s["tokens_per_s"] for s in steps[3:]) or [0.0]
-    return {"wall_s": args["train_wall_seconds_this_process"], "peak_rss_mb": peak_rss, "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows),
-            "steady_tokens_per_s_median": steady[len(steady) // 2], **_workload(cfg, loaded, train_examples, model)}
+    return {
+        "wall_s": args["train_wall_seconds_this_process"],
+        "peak_rss_mb": peak_rss,
+        "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows),
+        "steady_tokens_per_s_median": steady[len(steady) // 2],
+        **_workload(cfg, loaded, train_examples, model),
+    }
 
 
 def _peak_rss_mb() -> float:
@@ -195,7 +218,7 @@ def _run(path: str, overrides: dict, args) -> dict:
     command = [sys.executable, __file__, "--path", path, "--overrides", json.dumps(overrides),
                "--examples", str(args.examples), "--batch-size", str(args.batch_size)]
     out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         if path == "plain" or not overrides:  # the two paths the ratios need
             sys.exit(f"{path} {overrides} failed:\n{out.stderr[-3000:]}")
@@ -239,18 +262,36 @@ def main() -> None:
 
     print(f"\n{args.examples} examples, batch {args.batch_size}, {plain['tokens']} non-padding tokens "
           f"({plain['answer_tokens']} answer tokens); matmul peak {peak['float32']} fp32 / {peak['bfloat16']} bf16 GFLOP/s")
-    print(f"{'path':<42}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}{'x plain':>9}{'eval loss':>11}{'x plain':>9}{'GFLOP/s':>9}{'MFU':>7}")
+    print(
+        f"{'path':<42}{'tokens/s':>10}{'x plain':>9}{'peak RSS MB':>13}{'x plain':>9}"
+        f"{'eval loss':>11}{'x plain':>9}{'GFLOP/s':>9}{'MFU':>7}"
+    )
     for name, r in results.items():
         print(f"{name:<42}{r['tokens_per_s']:>10.1f}{r['speedup']:>9.2f}{r['peak_rss_mb']:>13.0f}{r['rss_ratio']:>9.2f}"
               f"{r['eval_loss']:>11.4f}{r['eval_loss_ratio']:>9.3f}{r['gflops']:>9.1f}{100 * r['mfu_vs_bf16_peak']:>6.0f}%")
     d = results[DEFAULT]
-    print(f"\ntargets (loralab default vs plain): tokens/s >= 2.0x: {d['speedup']:.2f}x; peak RSS <= 0.6x: {d['rss_ratio']:.2f}x; "
-          f"eval loss within 1 %: {100 * (d['eval_loss_ratio'] - 1):+.2f} %; MFU >= 60 % of bf16 peak: {100 * d['mfu_vs_bf16_peak']:.0f} %")
+    print(
+        f"\ntargets (loralab default vs plain): tokens/s >= 2.0x: {d['speedup']:.2f}x; peak RSS <= 0.6x: {d['rss_ratio']:.2f}x; "
+        f"eval loss within 1 %: {100 * (d['eval_loss_ratio'] - 1):+.2f} %; "
+        f"MFU >= 60 % of bf16 peak: {100 * d['mfu_vs_bf16_peak']:.0f} %"
+    )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": "python benchmarks/train_throughput.py" + (" --ablation" if args.ablation else ""),
-                                   "examples": args.examples, "batch_size": args.batch_size, "cpu_count": os.cpu_count(),
-                                   "matmul_peak_gflops": peak, "variants": {k: VARIANTS.get(k, "Trainer + PEFT, fp32") for k in results},
-                                   "results": results, "failed": failed}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "command": "python benchmarks/train_throughput.py" + (" --ablation" if args.ablation else ""),
+                "examples": args.examples,
+                "batch_size": args.batch_size,
+                "cpu_count": os.cpu_count(),
+                "matmul_peak_gflops": peak,
+                "variants": {k: VARIANTS.get(k, "Trainer + PEFT, fp32") for k in results},
+                "results": results,
+                "failed": failed,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 

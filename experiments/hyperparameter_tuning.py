@@ -1,7 +1,8 @@
-"""`python experiments/hyperparameter_tuning.py [--quick] [--set tune.grid=...]`: same as `loralab tune`.
+"""`python experiments/hyperparameter_tuning.py [--quick] [--config FILE] [--set tune.n_trials=K ...]`: same as `loralab tune`.
 
-Grid search over learning rate, batch size and LoRA rank; writes experiments/metrics_comparison.json
-and experiments/best_config.yaml.
+An Optuna search over `tune.space` (TPE by default; the spec's grid over learning rate, batch size and
+LoRA rank with `--config configs/grid.yaml`); writes experiments/metrics_comparison.json and
+experiments/best_config.yaml.
 """
 
 import sys

@@ -2,38 +2,106 @@
 
 A config is plain data (torchtune's "configs as data"): every run writes the fully resolved config
 next to its results, so any number in a report can be traced to the exact settings that made it.
+It is checked when it is loaded, not minutes into a run: enumerated values are `Literal` types
+(`model.precision=fp33` fails with the key, the value and the choices), and each section's
+`validate()` checks its ranges. Output files are named from one root per section (`results_dir`,
+`runs_dir`), and `run_identity` says which settings change what a run learns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from loralab.util.errors import LoralabError
 
+DataFormat = Literal["auto", "jsonl", "json", "csv", "alpaca", "sharegpt"]
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "bf16", "fp32"]
+QuantizedBase = Literal["none", "int8", "nf4"]
+# The names of adapters/registry.py (config is a lower layer and cannot import it; a test keeps the two equal).
+MethodName = Literal["lora", "rslora", "dora", "pissa", "olora", "loraplus", "adalora", "ia3", "full"]
+# transformers' SchedulerType values that work with a warmup and a step count alone (the others need
+# extra arguments or a metric at every step).
+LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt"]
+Split = Literal["train", "eval", "test"]
+Sampler = Literal["tpe", "grid", "random"]
+Pruner = Literal["median", "hyperband", "none"]
+ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8", "int8-dynamic"]
+
+# Field metadata of a setting that changes where or how fast a run goes, never what it learns or
+# measures (paths, the device, speed switches): it stays out of `run_identity`.
+NOT_IDENTITY = {"identity": False}
+# The sections that decide what a run learns; the others (eval, tune, serve, ...) act on finished runs.
+IDENTITY_SECTIONS = ("data", "model", "lora", "train")
+
+
+def choices(annotation: Any) -> tuple:
+    """The allowed values of a Literal type (empty for any other type)."""
+    return typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
+
+
+def _check(ok: bool, key: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise LoralabError(f"{key}={value!r}: {fix}")
+
+
+class Section:
+    """What every section shares: `validate()` checks the enumerated fields (also when a program set
+    them without `load_config`), then the section's own ranges in `check_ranges()`."""
+
+    name: ClassVar[str]
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _coerce(getattr(self, f.name), hints[f.name], f"{self.name}.{f.name}")
+        self.check_ranges()
+
+    def check_ranges(self) -> None:
+        """Overridden by sections with numeric limits; one `_check` per rule, each naming the key and the fix."""
+
+    def _at_least(self, key: str, low: float, exclusive: bool = False) -> None:
+        value = getattr(self, key)
+        if exclusive:
+            _check(value > low, f"{self.name}.{key}", value, f"must be greater than {low:g}")
+        else:
+            _check(value >= low, f"{self.name}.{key}", value, f"must be at least {low:g}")
+
+    def _fraction(self, key: str, upper_inclusive: bool = False) -> None:
+        value = getattr(self, key)
+        ok = 0 <= value <= 1 if upper_inclusive else 0 <= value < 1
+        _check(ok, f"{self.name}.{key}", value, f"must be in [0, 1{']' if upper_inclusive else ')'}")
+
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    name: ClassVar[str] = "data"
+
     # "builtin:medical" (the default), "builtin:legal", "builtin:shell" (built from installed packages),
     # or a path to a user dataset.
     dataset: str = "builtin:medical"
-    # auto | jsonl | json | csv | alpaca | sharegpt ("auto" looks at the extension and the fields).
-    format: str = "auto"
+    format: DataFormat = "auto"  # "auto" looks at the extension and the fields
     question_field: str | None = None  # where a user dataset names its fields differently
     answer_field: str | None = None
     task_field: str | None = None  # optional per-row task label (drives per-task accuracy)
     skip_invalid: bool = False  # drop bad rows with a warning instead of stopping at the first
+    # Training reads its splits from here, so the directory names the data a run learned from (the
+    # domains study trains on several): part of a run's identity.
     out_dir: str = "data"
     eval_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 42
-    # Size of the bundled medical dataset, per task type (see medical_dataset.py).
+    # Size of the bundled medical dataset, per task type (see data/medical.py).
     builtin_per_task: dict[str, int] = field(
         default_factory=lambda: {
             "hpo_definition": 700,
@@ -46,27 +114,36 @@ class DataConfig:
         }
     )
 
+    def check_ranges(self) -> None:
+        self._fraction("eval_fraction")
+        self._fraction("test_fraction")
+        total = self.eval_fraction + self.test_fraction
+        _check(total < 1, "data.eval_fraction + data.test_fraction", total, "must leave rows for training (below 1)")
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
+    name: ClassVar[str] = "model"
+
     # "smollm2-135m-instruct" (bundled GGUF), a local Hugging Face model directory, or a .gguf path.
     name_or_path: str = "smollm2-135m-instruct"
-    cache_dir: str = "models/base_model"
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the CPU/GPU has it)
+    cache_dir: str = field(default="models/base_model", metadata=NOT_IDENTITY)
+    device: Device = field(default="auto", metadata=NOT_IDENTITY)
+    precision: Precision = "auto"  # auto: bf16 autocast where the CPU/GPU has it
     # dtype of the frozen base weights while training: auto (bf16 when autocast is bf16), bf16, fp32.
     # The adapter and its optimizer state stay fp32 whatever this says.
-    frozen_dtype: str = "auto"
+    frozen_dtype: Precision = "auto"
     # none | int8 | nf4: hold the frozen base quantized with bitsandbytes and train LoRA on top
     # (QLoRA with nf4). Needs `pip install bitsandbytes==0.50.2` (its CPU backend trains on this machine).
-    quantize_base: str = "none"
-    gradient_checkpointing: bool = False
+    quantize_base: QuantizedBase = "none"
+    gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)  # recomputes, same result
 
 
 @dataclass
-class LoraSettings:
-    # lora | rslora | dora | pissa | olora | loraplus | adalora | ia3 | full (src/peft_methods.py)
-    method: str = "lora"
+class LoraSettings(Section):
+    name: ClassVar[str] = "lora"
+
+    method: MethodName = "lora"  # each one's record is in src/adapters/registry.py
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
@@ -75,48 +152,102 @@ class LoraSettings:
     loraplus_lr_ratio: float | None = None  # method=loraplus only: B's learning rate / A's (default 16)
     adalora_init_r: int | None = None  # method=adalora only: starting rank (default 1.5 r; r is the target)
 
+    def check_ranges(self) -> None:
+        # Method-specific options are checked by the method's record (adapters/registry.py).
+        self._at_least("r", 1)
+        self._at_least("alpha", 0, exclusive=True)
+        self._fraction("dropout")
+
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    name: ClassVar[str] = "train"
+
     learning_rate: float = 1e-3  # best of a short lr sweep on the eval split (see submission.md)
-    lr_scheduler: str = "cosine"  # any transformers scheduler name: cosine, linear, constant, ...
+    lr_scheduler: LrScheduler = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     batch_size: int = 8
     gradient_accumulation: int = 1
     epochs: float = 1.0
     max_steps: int = 0  # > 0 overrides epochs
     max_length: int = 256
     seed: int = 42
-    eval_every: int = 50
-    eval_examples: int = 96  # eval-loss subset size; the full eval split when 0
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    run_dir: str = "runs/default"  # checkpoints and the per-run log live here
-    output_dir: str = "lora"  # the final adapter
-    log_file: str = "experiments/training_logs.txt"
-    loss_plot: str = "experiments/plots/loss_curve.png"
+    eval_every: int = field(default=50, metadata=NOT_IDENTITY)  # 0: only at the end
+    eval_examples: int = 96  # eval-loss subset size; the full eval split when 0 (changes the recorded loss)
+    save_every: int = field(default=50, metadata=NOT_IDENTITY)  # 0: no checkpoints
+    keep_checkpoints: int = field(default=2, metadata=NOT_IDENTITY)
+    run_dir: str = field(default="runs/default", metadata=NOT_IDENTITY)  # checkpoints and the per-run log
+    output_dir: str = field(default="lora", metadata=NOT_IDENTITY)  # the final adapter
+    results_dir: str = field(default="experiments", metadata=NOT_IDENTITY)  # training_logs.txt, plots/loss_curve.png
+    plot_loss: bool = field(default=True, metadata=NOT_IDENTITY)  # study trials and benchmarks skip the plot
     # Speed techniques, on by default; each can be switched off (benchmarks/train_throughput.py --ablation).
-    length_bucketing: bool = True  # batch examples of similar length together (less padding)
-    answer_only_logits: bool = True  # apply the output head only where the next token is labelled
-    compile: bool = False  # torch.compile the decoder (dynamic shapes); pays off only on long runs
+    length_bucketing: bool = True  # batch examples of similar length together (less padding: other batches)
+    # Apply the output head only where the next token is labelled: the same loss, faster.
+    answer_only_logits: bool = field(default=True, metadata=NOT_IDENTITY)
+    # torch.compile the decoder (dynamic shapes); pays off only on long runs.
+    compile: bool = field(default=False, metadata=NOT_IDENTITY)
+
+    @property
+    def log_file(self) -> str:
+        return str(Path(self.results_dir) / "training_logs.txt")
+
+    @property
+    def loss_plot(self) -> str:
+        """The loss-curve PNG, or "" when `plot_loss` is off."""
+        return str(Path(self.results_dir) / "plots" / "loss_curve.png") if self.plot_loss else ""
+
+    def check_ranges(self) -> None:
+        self._at_least("learning_rate", 0, exclusive=True)
+        self._fraction("warmup_ratio", upper_inclusive=True)
+        for key in ("weight_decay", "max_grad_norm", "max_steps", "eval_every", "eval_examples", "save_every"):
+            self._at_least(key, 0)
+        for key in ("batch_size", "gradient_accumulation", "max_length", "keep_checkpoints"):
+            self._at_least(key, 1)
+        self._at_least("epochs", 0, exclusive=True)
 
 
 @dataclass
-class EvalConfig:
-    split: str = "test"
+class EvalConfig(Section):
+    name: ClassVar[str] = "eval"
+
+    split: Split = "test"
     batch_size: int = 16
     max_new_tokens: int = 64
     generation_per_task: int = 20  # examples per task type for generated-answer accuracy
     showcase_per_task: int = 2  # before/after answers shown in the report
-    results_json: str = "experiments/eval_results.json"
-    report_md: str = "experiments/report.md"
-    plots_dir: str = "experiments/plots"
+    results_dir: str = "experiments"  # eval_results.json, report.md, run_summary.json, plots/
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "eval_results.json")
+
+    @property
+    def report_md(self) -> str:
+        return str(Path(self.results_dir) / "report.md")
+
+    @property
+    def plots_dir(self) -> str:
+        return str(Path(self.results_dir) / "plots")
+
+    @property
+    def run_summary_json(self) -> str:
+        """`loralab run`'s timings and headline numbers."""
+        return str(Path(self.results_dir) / "run_summary.json")
+
+    def check_ranges(self) -> None:
+        for key in ("batch_size", "max_new_tokens", "generation_per_task"):
+            self._at_least(key, 1)
+        self._at_least("showcase_per_task", 0)
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(Section):
+    """`loralab tune`: an Optuna search, shared by any number of workers through its storage."""
+
+    name: ClassVar[str] = "tune"
+
     # Search space, by `section.key`: a list is a categorical choice; a mapping {low, high, log}
     # is a range (int when both ends are ints). `lora.alpha_ratio` sets lora.alpha = ratio x rank.
     space: dict[str, Any] = field(
@@ -129,8 +260,8 @@ class TuneConfig:
             "lora.target_modules": ["auto", "all-linear"],
         }
     )
-    sampler: str = "tpe"  # tpe | grid (every combination of list-valued params) | random (a control)
-    pruner: str = "median"  # median | hyperband | none: stop bad trials on their intermediate eval loss
+    sampler: Sampler = "tpe"  # grid: every combination of list-valued params; random: a control
+    pruner: Pruner = "median"  # stop bad trials on their intermediate eval loss
     n_trials: int = 40  # finished (complete or pruned) trials in the whole study, across all workers
     timeout_minutes: float = 55.0  # wall-time budget of one worker; 0 = none
     startup_trials: int = 8  # random trials before TPE models the space; trials before pruning starts
@@ -145,28 +276,78 @@ class TuneConfig:
     # The budget of one trial, in training examples: steps = trial_examples / (batch x accumulation),
     # so trials with different batch sizes see the same data.
     trial_examples: int = 240
-    trial_eval_examples: int = 96
-    runs_dir: str = "runs/tune"
-    results_json: str = "experiments/metrics_comparison.json"
-    summary_md: str = "experiments/tuning_summary.md"
-    best_config_yaml: str = "experiments/best_config.yaml"
-    plots_dir: str = "experiments/plots/tune"
-    # `loralab sweep`: one factor at a time around the given config. "x3" means 3 x the config's value.
-    sweep: dict[str, list] = field(
+    trial_eval_examples: int = 96  # 0: the whole eval split
+    runs_dir: str = "runs/tune"  # one directory per trial
+    results_dir: str = "experiments"  # metrics_comparison.json, tuning_summary.md, best_config.yaml, plots/tune/
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "metrics_comparison.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "tuning_summary.md")
+
+    @property
+    def best_config_yaml(self) -> str:
+        return str(Path(self.results_dir) / "best_config.yaml")
+
+    @property
+    def plots_dir(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "tune")
+
+    def check_ranges(self) -> None:
+        for key in ("n_trials", "reports_per_trial", "trial_examples", "heartbeat_seconds"):
+            self._at_least(key, 1)
+        for key in ("timeout_minutes", "startup_trials", "trial_eval_examples", "max_retries"):
+            self._at_least(key, 0)
+        _check(self.grace_seconds > self.heartbeat_seconds, "tune.grace_seconds", self.grace_seconds,
+               f"must be larger than tune.heartbeat_seconds ({self.heartbeat_seconds})")
+
+
+@dataclass
+class SweepConfig(Section):
+    """`loralab sweep`: one factor at a time around the given config, each point on the same budget."""
+
+    name: ClassVar[str] = "sweep"
+
+    # section.key -> values; "x3" means 3 x the config's value.
+    factors: dict[str, list] = field(
         default_factory=lambda: {
             "lora.r": [1, 2, 4, 8, 16, 32, 64],
             "train.learning_rate": ["x0.1", "x0.3", "x1", "x3", "x10"],
             "train.batch_size": [1, 2, 4, 8, 16],
         }
     )
-    sweep_generation_per_task: int = 10  # eval-split questions per task for domain accuracy
-    sweep_results_json: str = "experiments/sensitivity.json"
-    sweep_summary_md: str = "experiments/sensitivity.md"
-    sweep_plot: str = "experiments/plots/sensitivity.png"
+    train_examples: int = 240  # every point, whatever its batch size
+    eval_examples: int = 96  # eval-loss subset of each point's training run; 0: the whole eval split
+    generation_per_task: int = 10  # eval-split questions per task for domain accuracy
+    runs_dir: str = "runs/tune/sweep"  # one directory per point, named by its run identity
+    results_dir: str = "experiments"  # sensitivity.json, sensitivity.md, plots/sensitivity.png
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "sensitivity.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "sensitivity.md")
+
+    @property
+    def plot(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "sensitivity.png")
+
+    def check_ranges(self) -> None:
+        _check(bool(self.factors), "sweep.factors", self.factors, "give section.key: [values] for at least one factor")
+        for key in ("train_examples", "generation_per_task"):
+            self._at_least(key, 1)
+        self._at_least("eval_examples", 0)
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
+    name: ClassVar[str] = "serve"
+
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     # Model ids a request may name, each a LoRA adapter directory (safetensors only), loaded once at
@@ -186,32 +367,56 @@ class ServeConfig:
     request_timeout_s: float = 120.0  # 504 when a request has not finished by then
     max_body_bytes: int = 1_000_000
 
+    def check_ranges(self) -> None:
+        _check(0 <= self.port <= 65535, "serve.port", self.port, "must be a TCP port (0-65535)")
+        for key in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_batch", "max_queue", "max_body_bytes"):
+            self._at_least(key, 1)
+        self._at_least("batch_wait_ms", 0)
+        self._at_least("request_timeout_s", 0, exclusive=True)
+
 
 @dataclass
-class ExportConfig:
-    out_dir: str = "models/fine_tuned_model"  # merged/, gguf files, export_report.json under here
-    formats: list[str] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "int8"])
+class ExportConfig(Section):
+    name: ClassVar[str] = "export"
+
+    out_dir: str = "models/fine_tuned_model"  # merged/, gguf files
+    formats: list[ExportFormat] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "int8"])
     evaluate: bool = True  # measure every format on the test split (perplexity, accuracy, speed)
     generation_per_task: int = 10
     speed_tokens: int = 64  # greedy tokens at batch 1 for the tokens/s column
-    report_md: str = "experiments/export_report.md"
-    report_json: str = "experiments/export_report.json"
+    results_dir: str = "experiments"  # export_report.md, export_report.json
+
+    @property
+    def report_md(self) -> str:
+        return str(Path(self.results_dir) / "export_report.md")
+
+    @property
+    def report_json(self) -> str:
+        return str(Path(self.results_dir) / "export_report.json")
+
+    def check_ranges(self) -> None:
+        _check(bool(self.formats), "export.formats", self.formats, "name at least one format")
+        for key in ("generation_per_task", "speed_tokens"):
+            self._at_least(key, 1)
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Section):
     """`loralab compare`: each method, the same data and example budget, its own learning rate."""
 
+    name: ClassVar[str] = "compare"
+
     # A method, or method@int8 / method@nf4 for a base held quantized by bitsandbytes (QLoRA).
-    # olora also works (tests/test_methods.py trains it) but is left out of the default list to keep the full
-    # comparison near three hours of a 2-core CPU: it is pissa's sibling, another initialisation from the
+    # olora also works (tests/adapters/test_methods.py trains it) but is left out of the default list to keep the
+    # full comparison near three hours of a 2-core CPU: it is pissa's sibling, another initialisation from the
     # weights; add it with --set compare.methods=[...]. Run in this order: a partial comparison has the
-    # reference points first.
+    # reference points first. Entries are checked against the method registry by `loralab compare`.
     methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "full", "lora@nf4", "ia3", "pissa",
                                                         "loraplus", "adalora", "lora@int8"])
     seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
-    # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried (one seed each, scored on the eval split); the best is used
-    # for every seed. Methods differ by orders of magnitude here, so one shared lr would be unfair.
+    # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried
+    # (one seed each, scored on the eval split); the best is used for every seed. Methods differ by orders of
+    # magnitude here, so one shared lr would be unfair.
     learning_rates: dict[str, list[float]] = field(default_factory=lambda: {
         "lora": [1e-3, 3e-3, 1e-2], "rslora": [3e-4, 1e-3, 3e-3], "dora": [1e-3, 3e-3, 1e-2],
         "pissa": [3e-4, 1e-3, 3e-3], "olora": [3e-4, 1e-3, 3e-3], "loraplus": [3e-4, 1e-3, 3e-3],
@@ -223,16 +428,44 @@ class CompareConfig:
     eval_examples: int = 96  # eval-split examples for choosing the learning rate
     generation_per_task: int = 10  # test-split questions per task for domain accuracy
     runs_dir: str = "runs/compare"
-    # One JSON record per finished run (committed): a fresh clone continues the comparison without retraining.
-    records_dir: str = "experiments/compare_runs"
-    results_json: str = "experiments/method_comparison.json"
-    summary_md: str = "experiments/method_comparison.md"
-    plots_dir: str = "experiments/plots/compare"
+    # method_comparison.json/.md, plots/compare/, and compare_runs/: one JSON record per finished run
+    # (committed), so a fresh clone continues the comparison without retraining.
+    results_dir: str = "experiments"
+
+    @property
+    def records_dir(self) -> str:
+        return str(Path(self.results_dir) / "compare_runs")
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "method_comparison.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "method_comparison.md")
+
+    @property
+    def plots_dir(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "compare")
+
+    def check_ranges(self) -> None:
+        _check(bool(self.methods), "compare.methods", self.methods, "name at least one method")
+        _check(bool(self.seeds), "compare.seeds", self.seeds, "give at least one seed")
+        for key in ("train_examples", "generation_per_task"):
+            self._at_least(key, 1)
+        for key in ("eval_examples", "lr_extensions"):
+            self._at_least(key, 0)
+
+
+# Model names of the domains study that a domain cannot take.
+MIXTURE, BASE = "mixture", "base"
 
 
 @dataclass
-class DomainsConfig:
+class DomainsConfig(Section):
     """`loralab domains`: a specialist adapter per domain, one on their mixture, cross-evaluated."""
+
+    name: ClassVar[str] = "domains"
 
     # name -> dataset (a built-in or a file, as data.dataset takes); 'base' and 'mixture' are reserved.
     datasets: dict[str, str] = field(default_factory=lambda: {
@@ -242,9 +475,27 @@ class DomainsConfig:
     generation_per_task: int = 10  # test questions per task for domain accuracy
     general_questions: int = 200  # MMLU questions for the forgetting probe
     runs_dir: str = "runs/domains"
-    results_json: str = "experiments/domain_transfer.json"
-    summary_md: str = "experiments/domain_transfer.md"
-    plots_dir: str = "experiments/plots/domains"
+    results_dir: str = "experiments"  # domain_transfer.json/.md, plots/domains/
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "domain_transfer.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "domain_transfer.md")
+
+    @property
+    def plots_dir(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "domains")
+
+    def check_ranges(self) -> None:
+        _check(len(self.datasets) >= 2, "domains.datasets", self.datasets, "give at least two domains (name: dataset)")
+        reserved = sorted({MIXTURE, BASE} & set(self.datasets))
+        _check(not reserved, "domains.datasets", reserved,
+               f"'{MIXTURE}' and '{BASE}' name the mixture adapter and the base model; rename that domain")
+        for key in ("train_examples", "eval_examples", "generation_per_task", "general_questions"):
+            self._at_least(key, 1)
 
 
 @dataclass
@@ -255,6 +506,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
@@ -263,12 +515,43 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> Config:
+        """Every section's choices and ranges (raises a one-line LoralabError); returns the config."""
+        for name in _section_names():
+            getattr(self, name).validate()
+        return self
+
+
+def run_identity(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The settings that change what a run learns or the numbers it records, by section: the one
+    definition behind checkpoint resume, a tuning study's settings, and the run directories of
+    compare, sweep and domains. Fields marked NOT_IDENTITY (paths, the device, speed switches) are
+    left out. Values are coerced to their declared types (an int set in code where a float is declared
+    names the same run) and JSON-normalised."""
+    identity = {}
+    for section in IDENTITY_SECTIONS:
+        values = getattr(cfg, section)
+        hints = typing.get_type_hints(type(values))
+        identity[section] = {f.name: _coerce(getattr(values, f.name), hints[f.name], f"{section}.{f.name}")
+                             for f in dataclasses.fields(values) if f.metadata.get("identity", True)}
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def run_digest(cfg: Config) -> str:
+    """Ten hex digits naming a run by its identity: a re-run finds (and resumes) only its own directory."""
+    return hashlib.sha1(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
+
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check/convert a YAML value to the field's declared type; one clear error otherwise."""
     if annotation is Any:
         return value
     origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = choices(annotation)
+        if value not in allowed or isinstance(value, bool):
+            raise LoralabError(f"{where}={value!r}: expected one of {', '.join(map(str, allowed))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         if value is None and type(None) in args:
@@ -285,6 +568,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise LoralabError(f"{where}: expected a mapping, got {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise LoralabError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, where) for v in value]
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -311,7 +599,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _apply(section_obj: Any, values: dict[str, Any], where: str) -> None:
+def _apply(section_obj: Section, values: dict[str, Any], where: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     names = {f.name for f in dataclasses.fields(section_obj)}
     for key, value in values.items():
@@ -326,7 +614,8 @@ def _section_names() -> tuple[str, ...]:
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:
-    """Apply `section.key=value` strings; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    """Apply `section.key=value` strings; the value is parsed as YAML (so 1e-4, true, [a, b] work).
+    Types and choices are checked here; ranges by `Config.validate` once every override is in."""
     for item in overrides:
         if "=" not in item:
             raise LoralabError(f"--set {item!r}: expected section.key=value")
@@ -365,9 +654,9 @@ def _apply_file(config: Config, path: Path) -> None:
 
 
 def load_config(*paths: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then each YAML file in order (later files win), then `--set` overrides."""
+    """Defaults, then each YAML file in order (later files win), then `--set` overrides; validated."""
     config = Config()
     for path in paths:
         if path is not None:
             _apply_file(config, Path(path))
-    return apply_overrides(config, overrides or [])
+    return apply_overrides(config, overrides or []).validate()

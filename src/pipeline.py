@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from loralab.util import atomic_io
 from loralab.config import Config
 from loralab.data.prepare import prepare_dataset
 from loralab.metrics.evaluate import evaluate_model_pair
 from loralab.training.recipe import train
+from loralab.util import atomic_io
 
 
 def run_all(cfg: Config, resume: bool = False) -> dict:
@@ -35,12 +34,13 @@ def run_all(cfg: Config, resume: bool = False) -> dict:
     summary = {
         "timings": timings,
         "dataset": card,
-        "train": {"steps": result.total_steps, "final_train_loss": result.final_train_loss, "final_eval_loss": result.final_eval_loss},
+        "train": {"steps": result.total_steps, "final_train_loss": result.final_train_loss,
+                  "final_eval_loss": result.final_eval_loss},
         "base": {k: results["models"]["base"][k] for k in ("perplexity", "domain_accuracy")},
         "fine_tuned": {k: results["models"]["fine_tuned"][k] for k in ("perplexity", "domain_accuracy")},
         **results["summary"],
     }
-    atomic_io.write_json(Path(cfg.eval.results_json).with_name("run_summary.json"), summary)
+    atomic_io.write_json(cfg.eval.run_summary_json, summary)
     print(
         f"done in {timings['total_s'] / 60:.1f} min: answer perplexity {summary['base']['perplexity']:.2f} -> "
         f"{summary['fine_tuned']['perplexity']:.2f} ({summary['perplexity_ratio_base_over_tuned']:.2f}x lower), domain accuracy "

@@ -3,7 +3,6 @@ small datasets. Logic tests use the tiny models (seconds); tests marked e2e use 
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path

@@ -28,7 +28,8 @@ def test_script_shows_its_verbs_help(script, verb):
 
 def test_script_reports_bad_input_in_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "src/data_preparation.py", "--dataset", str(tmp_path / "missing.jsonl"), "--out-dir", str(tmp_path / "o")],
+        [sys.executable, "src/data_preparation.py", "--dataset", str(tmp_path / "missing.jsonl"),
+         "--out-dir", str(tmp_path / "o")],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

@@ -5,16 +5,24 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from loralab.config import LoraSettings, ModelConfig
-from loralab.util.errors import LoralabError
 from loralab.adapters.targets import find_target_modules
+from loralab.config import LoraSettings, ModelConfig
 from loralab.model_utils import attach_lora, load_base_model, merge_adapter, resolve_autocast_dtype, save_adapter
+from loralab.util.errors import LoralabError
 
 
 def test_llama_targets(tiny_llama_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     assert find_target_modules(model, "auto") == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert find_target_modules(model, "all-linear") == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert find_target_modules(model, "all-linear") == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]
     assert find_target_modules(model, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
     with pytest.raises(LoralabError, match=r"\['c_attn'\] not found in LlamaForCausalLM"):
         find_target_modules(model, ["c_attn"])

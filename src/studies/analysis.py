@@ -1,8 +1,11 @@
-"""`loralab analysis`: experiments/optimization_analysis.md, regenerated from the committed results.
+"""`loralab analysis`: experiments/optimization_analysis.md, regenerated from the committed results,
+and the findings on their own (experiments/method_findings.md, experiments/domain_findings.md) for
+the docs to link to.
 
 Every table is read from a JSON file that a named command wrote; this module computes nothing new
 and measures nothing, so the write-up can be rebuilt in a second and can never drift from the
-results. A result file that is missing gives a line saying which command produces it.
+results. A result file that is missing gives a line saying which command produces it. It writes
+only under experiments/.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from loralab.adapters.registry import get_method
 from loralab.util import atomic_io
 from loralab.util.resources import machine_summary
 
@@ -65,7 +70,8 @@ def _throughput(data: dict | None) -> list[str]:
             ("peak memory at most 0.6x", default["rss_ratio"] <= 0.6, f"{default['rss_ratio']:.2f}x"),
             ("eval loss within 1 % of the plain recipe", abs(default["eval_loss_ratio"] - 1) <= 0.01,
              f"{100 * (default['eval_loss_ratio'] - 1):+.2f} %"),
-            ("MFU at least 60 % of the bf16 matmul peak", default["mfu_vs_bf16_peak"] >= 0.6, f"{100 * default['mfu_vs_bf16_peak']:.0f} %"),
+            ("MFU at least 60 % of the bf16 matmul peak", default["mfu_vs_bf16_peak"] >= 0.6,
+             f"{100 * default['mfu_vs_bf16_peak']:.0f} %"),
         ]
         lines += ["", "Targets for the default path:", ""]
         lines += [f"- {text}: **{'met' if ok else 'missed'}** ({value})" for text, ok, value in checks]
@@ -100,12 +106,15 @@ def _sensitivity(data: dict | None, md_dir: Path, root: Path) -> list[str]:
         return lines + _missing("sensitivity")
     plot = os.path.relpath(root / "experiments/plots/sensitivity.png", md_dir)
     lines += [f"Command: `{SOURCES['sensitivity'][1]}`; every point is in `experiments/sensitivity.md`. Eval split, "
-              f"{data['trial_examples']} training examples per point. Best and worst point of each factor by eval perplexity:", "",
-              "| factor | best value | eval ppl | domain acc. % | worst value | eval ppl | domain acc. % |", "|---|---|---:|---:|---|---:|---:|"]
+              f"{data['trial_examples']} training examples per point. Best and worst point of each factor by eval "
+              "perplexity:", "",
+              "| factor | best value | eval ppl | domain acc. % | worst value | eval ppl | domain acc. % |",
+              "|---|---|---:|---:|---|---:|---:|"]
     for factor in dict.fromkeys(p["factor"] for p in data["points"]):
         points = sorted((p for p in data["points"] if p["factor"] == factor), key=lambda p: p["eval_perplexity"])
         best, worst = points[0], points[-1]
-        lines.append(f"| `{factor}` | {_value(best['resolved'])} | {best['eval_perplexity']:.2f} | {best['domain_accuracy']:.1f} ± "
+        lines.append(f"| `{factor}` | {_value(best['resolved'])} | {best['eval_perplexity']:.2f} | "
+                     f"{best['domain_accuracy']:.1f} ± "
                      f"{best['domain_accuracy_se']:.1f} | {_value(worst['resolved'])} | {worst['eval_perplexity']:.2f} | "
                      f"{worst['domain_accuracy']:.1f} ± {worst['domain_accuracy_se']:.1f} |")
     return lines + ["", f"![sensitivity]({plot})", ""]
@@ -138,87 +147,163 @@ def separated(a: dict, b: dict, key: str, seeds: int) -> bool:
     return abs(a[key] - b[key]) > T_CRITICAL.get(2 * seeds - 2, 2.0) * se
 
 
+@dataclass
+class _Ranking:
+    """The comparison ranked by test perplexity, and the group of methods tied with the best."""
+
+    methods: dict
+    seeds: int
+    missing: list[str]  # planned entries not measured yet
+    by_ppl: list[str]
+    tied: list[str]  # not separable from the best at 95 %
+
+    @classmethod
+    def of(cls, data: dict) -> _Ranking:
+        methods, seeds = data["methods"], len(data["seeds"])
+        by_ppl = sorted(methods, key=lambda m: methods[m]["test_perplexity"])
+        tied = [m for m in by_ppl[1:] if not separated(methods[by_ppl[0]], methods[m], "test_perplexity", seeds)]
+        return cls(methods, seeds, [m for m in data.get("methods_planned", []) if m not in methods], by_ppl, tied)
+
+    @property
+    def best(self) -> str:
+        return self.by_ppl[0]
+
+    @property
+    def group(self) -> list[str]:
+        return [self.best, *self.tied]
+
+    def fmt(self, m: str) -> str:
+        return f"{m} ({self.methods[m]['test_perplexity']:.2f} ± {self.methods[m]['test_perplexity_sd']:.2f})"
+
+
 def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
     """Recommendations computed from the comparison: which method wins on what, and what is noise."""
-    methods, seeds = data["methods"], len(data["seeds"])
-    if not methods:
+    if not data["methods"]:
         return []
-    missing = [m for m in data.get("methods_planned", []) if m not in methods]
-    partial = ([f"- **Partial comparison:** {len(methods)} of {len(data['methods_planned'])} planned entries are measured; "
-                f"not yet: {', '.join(missing)} (`loralab compare` continues from the committed run records)."] if missing else [])
-    by_ppl = sorted(methods, key=lambda m: methods[m]["test_perplexity"])
-    best = by_ppl[0]
-    tied = [m for m in by_ppl[1:] if not separated(methods[best], methods[m], "test_perplexity", seeds)]
-    group = [best, *tied]
-    fmt = lambda m: f"{m} ({methods[m]['test_perplexity']:.2f} ± {methods[m]['test_perplexity_sd']:.2f})"  # noqa: E731
-    out = partial + [f"- **Quality (test answer perplexity):** best is {fmt(best)}"
-           + (" among those measured" if missing else "") + ". "
-           + (f"Not separable from it at 95 % over {seeds} seeds: {', '.join(fmt(m) for m in tied)}." if tied
-              else f"Every other method is worse beyond seed noise (95 %, {seeds} seeds).")]
-    worse = [m for m in by_ppl if m not in group]
+    r = _Ranking.of(data)
+    return [*_partial(data, r), *_quality(r), *_accuracy(r), *_best_group_costs(r), *_best_adapter(r),
+            *_cheapest_outside_the_group(r), *_quantized_bases(r), *_full_against_best(r), *_edge_caveat(r),
+            *_rank_advice(sensitivity)]
+
+
+def _partial(data: dict, r: _Ranking) -> list[str]:
+    if not r.missing:
+        return []
+    return [f"- **Partial comparison:** {len(r.methods)} of {len(data['methods_planned'])} planned entries are measured; "
+            f"not yet: {', '.join(r.missing)} (`loralab compare` continues from the committed run records)."]
+
+
+def _quality(r: _Ranking) -> list[str]:
+    out = [f"- **Quality (test answer perplexity):** best is {r.fmt(r.best)}"
+           + (" among those measured" if r.missing else "") + ". "
+           + (f"Not separable from it at 95 % over {r.seeds} seeds: {', '.join(r.fmt(m) for m in r.tied)}." if r.tied
+              else f"Every other method is worse beyond seed noise (95 %, {r.seeds} seeds).")]
+    worse = [m for m in r.by_ppl if m not in r.group]
     if worse:
-        out.append(f"- Worse than the best beyond seed noise: {', '.join(fmt(m) for m in worse)}.")
+        out.append(f"- Worse than the best beyond seed noise: {', '.join(r.fmt(m) for m in worse)}.")
+    return out
+
+
+def _accuracy(r: _Ranking) -> list[str]:
+    methods = r.methods
     acc = sorted(methods, key=lambda m: -methods[m]["domain_accuracy"])
-    acc_tied = [m for m in acc[1:] if not separated(methods[acc[0]], methods[m], "domain_accuracy", seeds)]
-    out.append(f"- **Domain accuracy:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
-               f"{methods[acc[0]]['domain_accuracy_sd']:.1f} %); {len(acc_tied)} of the other {len(acc) - 1} are within seed noise "
-               "of it, so accuracy on this many test questions does not rank the methods.")
-    if tied:  # choosing inside a group of one says nothing
-        cheapest = min(group, key=lambda m: methods[m]["trainable_parameters"])
-        lightest = min(group, key=lambda m: methods[m]["peak_rss_mb"])
-        fastest = min(group, key=lambda m: methods[m]["wall_seconds"])
-        out.append(f"- **Among the best-quality group**, fewest trainable parameters: {cheapest} "
-                   f"({methods[cheapest]['trainable_parameters']:,}, {methods[cheapest]['adapter_mb']:.2f} MB on disk); lowest peak "
-                   f"memory: {lightest} ({methods[lightest]['peak_rss_mb']:.0f} MB); shortest training: {fastest} "
-                   f"({methods[fastest]['wall_seconds']:.0f} s).")
-    adapters = [m for m in by_ppl if m != "full"]
-    if best == "full" and adapters:  # the question users ask when full fine-tuning wins: what does an adapter cost?
-        a, f = methods[adapters[0]], methods["full"]
-        adapter_tied = [m for m in adapters[1:] if not separated(a, methods[m], "test_perplexity", seeds)]
-        out.append(f"- **Best adapter:** {fmt(adapters[0])}, {_ratio(a, f, 'test_perplexity')} full fine-tuning's perplexity "
-                   f"with {f['trainable_parameters'] / a['trainable_parameters']:.0f}x fewer trainable parameters, "
-                   f"{a['adapter_mb']:.1f} MB against {f['adapter_mb']:.0f} MB on disk, {_ratio(a, f, 'peak_rss_mb')} the peak "
-                   f"memory and {_ratio(a, f, 'wall_seconds')} the training time. "
-                   + (f"Not separable from it: {', '.join(fmt(m) for m in adapter_tied)}. " if adapter_tied
-                      else "Every other adapter is worse beyond seed noise. ")
-                   + "Full fine-tuning is worth it when one model serves one domain and memory allows; an adapter when "
-                   "several domains share a base or memory is tight.")
+    acc_tied = [m for m in acc[1:] if not separated(methods[acc[0]], methods[m], "domain_accuracy", r.seeds)]
+    return [f"- **Domain accuracy:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
+            f"{methods[acc[0]]['domain_accuracy_sd']:.1f} %); {len(acc_tied)} of the other {len(acc) - 1} are within seed noise "
+            "of it, so accuracy on this many test questions does not rank the methods."]
+
+
+def _best_group_costs(r: _Ranking) -> list[str]:
+    if not r.tied:  # choosing inside a group of one says nothing
+        return []
+    methods = r.methods
+    cheapest = min(r.group, key=lambda m: methods[m]["trainable_parameters"])
+    lightest = min(r.group, key=lambda m: methods[m]["peak_rss_mb"])
+    fastest = min(r.group, key=lambda m: methods[m]["wall_seconds"])
+    return [f"- **Among the best-quality group**, fewest trainable parameters: {cheapest} "
+            f"({methods[cheapest]['trainable_parameters']:,}, {methods[cheapest]['adapter_mb']:.2f} MB on disk); lowest peak "
+            f"memory: {lightest} ({methods[lightest]['peak_rss_mb']:.0f} MB); shortest training: {fastest} "
+            f"({methods[fastest]['wall_seconds']:.0f} s)."]
+
+
+def _trains_whole_model(entry: str) -> bool:
+    """A compare entry ("full", "lora@nf4", ...) whose method trains every weight rather than an adapter."""
+    return get_method(entry.partition("@")[0]).whole_model
+
+
+def _best_adapter(r: _Ranking) -> list[str]:
+    """When full fine-tuning wins, the question users ask: what does an adapter cost?"""
+    adapters = [m for m in r.by_ppl if not _trains_whole_model(m)]
+    if not _trains_whole_model(r.best) or not adapters:
+        return []
+    a, f = r.methods[adapters[0]], r.methods[r.best]
+    adapter_tied = [m for m in adapters[1:] if not separated(a, r.methods[m], "test_perplexity", r.seeds)]
+    return [f"- **Best adapter:** {r.fmt(adapters[0])}, {_ratio(a, f, 'test_perplexity')} full fine-tuning's perplexity "
+            f"with {f['trainable_parameters'] / a['trainable_parameters']:.0f}x fewer trainable parameters, "
+            f"{a['adapter_mb']:.1f} MB against {f['adapter_mb']:.0f} MB on disk, {_ratio(a, f, 'peak_rss_mb')} the peak "
+            f"memory and {_ratio(a, f, 'wall_seconds')} the training time. "
+            + (f"Not separable from it: {', '.join(r.fmt(m) for m in adapter_tied)}. " if adapter_tied
+               else "Every other adapter is worse beyond seed noise. ")
+            + "Full fine-tuning is worth it when one model serves one domain and memory allows; an adapter when "
+            "several domains share a base or memory is tight."]
+
+
+def _cheapest_outside_the_group(r: _Ranking) -> list[str]:
+    methods, best, out = r.methods, r.methods[r.best], []
     overall_light = min(methods, key=lambda m: methods[m]["peak_rss_mb"])
-    if overall_light not in group:
+    if overall_light not in r.group:
         out.append(f"- **Lowest memory overall:** {overall_light} ({methods[overall_light]['peak_rss_mb']:.0f} MB, "
-                   f"{_ratio(methods[overall_light], methods[best], 'test_perplexity')} the best perplexity).")
+                   f"{_ratio(methods[overall_light], best, 'test_perplexity')} the best perplexity).")
     smallest = min(methods, key=lambda m: methods[m]["adapter_mb"])
-    if smallest not in group:  # the choice when many adapters are stored or served side by side
+    if smallest not in r.group:  # the choice when many adapters are stored or served side by side
         out.append(f"- **Smallest adapter:** {smallest} ({methods[smallest]['trainable_parameters']:,} parameters, "
                    f"{methods[smallest]['adapter_mb']:.2f} MB on disk, "
-                   f"{_ratio(methods[smallest], methods[best], 'test_perplexity')} the best perplexity).")
-    for entry, m in methods.items():
-        plain = entry.partition("@")[0]
-        if "@" in entry and plain in methods:
-            p = methods[plain]
-            noise = "within seed noise" if not separated(m, p, "test_perplexity", seeds) else "beyond seed noise"
-            out.append(f"- **{entry} against {plain}:** peak memory {m['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB "
-                       f"({m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x), training time {m['wall_seconds'] / p['wall_seconds']:.2f}x, "
-                       f"test perplexity {m['test_perplexity']:.2f} vs {p['test_perplexity']:.2f} ({noise}).")
-    if "full" in methods and best != "full":
-        f, b = methods["full"], methods[best]
-        out.append(f"- **Full fine-tuning** ({f['trainable_parameters']:,} parameters, {f['adapter_mb']:.0f} MB saved) against "
-                   f"{best}: perplexity {f['test_perplexity']:.2f} vs {b['test_perplexity']:.2f}, peak memory "
-                   f"{f['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, training time {f['wall_seconds'] / b['wall_seconds']:.2f}x.")
-    edge = [e for e, m in methods.items() if m["learning_rate"] in (min(s["learning_rate"] for s in m["lr_search"]),
-                                                                    max(s["learning_rate"] for s in m["lr_search"]))]
-    if edge:
-        out.append(f"- Caveat: the chosen learning rate is still at the edge of the searched range for {', '.join(edge)} "
-                   "(after the automatic extensions), so those methods may be slightly under-tuned.")
-    if sensitivity:
-        ranks = sorted((p for p in sensitivity["points"] if p["factor"] == "lora.r"), key=lambda p: p["resolved"])
-        if ranks:
-            top = min(p["eval_perplexity"] for p in ranks)
-            enough = next(p for p in ranks if p["eval_perplexity"] <= 1.02 * top)
-            out.append(f"- **Rank** (`loralab sweep`): the smallest rank within 2 % of the best eval perplexity is "
-                       f"{enough['resolved']} (perplexity {enough['eval_perplexity']:.2f} vs best {top:.2f} over ranks "
-                       f"{', '.join(str(p['resolved']) for p in ranks)}); a larger rank buys adapter size, not quality, at this data size.")
+                   f"{_ratio(methods[smallest], best, 'test_perplexity')} the best perplexity).")
     return out
+
+
+def _quantized_bases(r: _Ranking) -> list[str]:
+    out = []
+    for entry, m in r.methods.items():
+        plain = entry.partition("@")[0]
+        if "@" in entry and plain in r.methods:
+            p = r.methods[plain]
+            noise = "within seed noise" if not separated(m, p, "test_perplexity", r.seeds) else "beyond seed noise"
+            out.append(f"- **{entry} against {plain}:** peak memory {m['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB "
+                       f"({m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x), "
+                       f"training time {m['wall_seconds'] / p['wall_seconds']:.2f}x, "
+                       f"test perplexity {m['test_perplexity']:.2f} vs {p['test_perplexity']:.2f} ({noise}).")
+    return out
+
+
+def _full_against_best(r: _Ranking) -> list[str]:
+    whole = [m for m in r.by_ppl if _trains_whole_model(m)]
+    if not whole or _trains_whole_model(r.best):
+        return []
+    f, b = r.methods[whole[0]], r.methods[r.best]
+    return [f"- **Full fine-tuning** ({f['trainable_parameters']:,} parameters, {f['adapter_mb']:.0f} MB saved) against "
+            f"{r.best}: perplexity {f['test_perplexity']:.2f} vs {b['test_perplexity']:.2f}, peak memory "
+            f"{f['peak_rss_mb'] / b['peak_rss_mb']:.2f}x, training time {f['wall_seconds'] / b['wall_seconds']:.2f}x."]
+
+
+def _edge_caveat(r: _Ranking) -> list[str]:
+    edge = [e for e, m in r.methods.items() if m["learning_rate"] in (min(s["learning_rate"] for s in m["lr_search"]),
+                                                                      max(s["learning_rate"] for s in m["lr_search"]))]
+    if not edge:
+        return []
+    return [f"- Caveat: the chosen learning rate is still at the edge of the searched range for {', '.join(edge)} "
+            "(after the automatic extensions), so those methods may be slightly under-tuned."]
+
+
+def _rank_advice(sensitivity: dict | None) -> list[str]:
+    ranks = sorted((p for p in (sensitivity or {}).get("points", []) if p["factor"] == "lora.r"), key=lambda p: p["resolved"])
+    if not ranks:
+        return []
+    top = min(p["eval_perplexity"] for p in ranks)
+    enough = next(p for p in ranks if p["eval_perplexity"] <= 1.02 * top)
+    return [f"- **Rank** (`loralab sweep`): the smallest rank within 2 % of the best eval perplexity is "
+            f"{enough['resolved']} (perplexity {enough['eval_perplexity']:.2f} vs best {top:.2f} over ranks "
+            f"{', '.join(str(p['resolved']) for p in ranks)}); a larger rank buys adapter size, not quality, at this data size."]
 
 
 def _ratio(a: dict, b: dict, key: str) -> str:
@@ -268,7 +353,8 @@ def domain_findings(data: dict) -> list[str]:
                f"{base_g['text_perplexity']:.2f}): " + ", ".join(
                    f"{m} {100 * (matrix[m]['general']['text_perplexity'] / base_g['text_perplexity'] - 1):+.1f} %"
                    for m in matrix if m != "base") + "; multiple-choice accuracy " + ", ".join(
-                   f"{m} {matrix[m]['general']['mc_accuracy']:.1f}" for m in matrix) + f" % (± about {base_g['mc_accuracy_se']:.0f}).")
+                   f"{m} {matrix[m]['general']['mc_accuracy']:.1f}" for m in matrix)
+               + f" % (± about {base_g['mc_accuracy_se']:.0f}).")
     return out
 
 
@@ -283,22 +369,26 @@ def _domains(data: dict | None, md_dir: Path, root: Path) -> list[str]:
               + (f", on {machine_summary(data['machine'])}" if "machine" in data else "") + ". Test answer perplexity:", "",
               "| model | " + " | ".join(domains) + " | general text |", "|---|" + "---:|" * (len(domains) + 1)]
     for m, row in data["matrix"].items():
-        lines.append(f"| {m} | " + " | ".join(f"{row[d]['perplexity']:.2f}" for d in domains) + f" | {row['general']['text_perplexity']:.2f} |")
+        lines.append(f"| {m} | " + " | ".join(f"{row[d]['perplexity']:.2f}" for d in domains)
+                     + f" | {row['general']['text_perplexity']:.2f} |")
     return lines + ["", *domain_findings(data), "", f"![domains]({plot})", ""]
 
 
-def refresh_generated_blocks(path: Path, blocks: dict[str, list[str]]) -> None:
-    """Replace the text between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a hand-written
-    document (submission.md, README.md), so its numbers are regenerated with the analysis, never copied by hand."""
-    if not path.is_file():
-        return
-    text = path.read_text(encoding="utf-8")
-    for name, lines in blocks.items():
-        start, end = f"<!-- generated:{name} (loralab analysis) -->", f"<!-- /generated:{name} -->"
-        if start in text and end in text:
-            head, rest = text.split(start, 1)
-            text = head + start + "\n" + "\n".join(lines) + "\n" + end + rest.split(end, 1)[1]
-    atomic_io.write_text(path, text)
+def _findings_documents(methods: dict | None, sensitivity: dict | None, domains: dict | None) -> dict[str, list[str]]:
+    """The findings as documents of their own under experiments/, for the hand-written docs to link to
+    (library code never edits README.md or submission.md)."""
+    documents = {}
+    if methods is not None:
+        documents["method_findings.md"] = [
+            "# Methods: table and findings", "",
+            f"Generated by `loralab analysis` from `{SOURCES['methods'][0]}` (written by `{SOURCES['methods'][1]}`).", "",
+            *method_table(methods), "", *method_findings(methods, sensitivity), ""]
+    if domains is not None:
+        documents["domain_findings.md"] = [
+            "# Domains: findings", "",
+            f"Generated by `loralab analysis` from `{SOURCES['domains'][0]}` (written by `{SOURCES['domains'][1]}`).", "",
+            *domain_findings(domains), ""]
+    return documents
 
 
 def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimization_analysis.md") -> Path:
@@ -319,12 +409,6 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
     lines += _methods(methods, sensitivity, md_dir, root)
     lines += _domains(domains, md_dir, root)
     atomic_io.write_text(out, "\n".join(lines))
-    blocks = {}
-    if methods is not None:
-        blocks["methods"] = method_findings(methods, sensitivity)
-        blocks["methods-table"] = method_table(methods)
-    if domains is not None:
-        blocks["domains"] = domain_findings(domains)
-    for document in ("submission.md", "README.md"):
-        refresh_generated_blocks(root / document, blocks)
+    for name, document in _findings_documents(methods, sensitivity, domains).items():
+        atomic_io.write_text(md_dir / name, "\n".join(document))
     return out

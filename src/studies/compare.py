@@ -8,64 +8,56 @@ learning rate, several seeds, measured once on the test split.
 2. Seeds: the chosen learning rate with every seed in `compare.seeds`; each adapter is measured on
    the test split (answer perplexity, domain accuracy per task), with its trainable parameters, size
    on disk, training tokens/s, peak RSS and wall time.
-Every run is in a fresh process (its peak memory is its own) and is recorded as soon as it ends;
-a killed compare skips finished runs when started again, also from a fresh clone: each run's record is also
-kept in `compare.records_dir`, which is committed with the results. Results: `compare.results_json`, a
+Every run goes through the study runner (studies/runner.py): in a fresh process (its peak memory is its
+own), recorded as soon as it ends, in a directory named by its run identity. A killed compare skips
+finished runs when started again, also from a fresh clone: each run's record is also kept in
+`compare.records_dir`, which is committed with the results. Results: `compare.results_json`, a
 Markdown table and plots of quality against trainable parameters, memory and time.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
-import sys
 from pathlib import Path
 
-from loralab.util import atomic_io
+from loralab.adapters.methods import METHODS, get_method, run_overrides, validate
 from loralab.config import Config
 from loralab.data.prepare import prepare_dataset
-from loralab.util.errors import LoralabError
-from loralab.metrics.evaluate import evaluate_adapter
 from loralab.model_utils import quantization_config
-from loralab.adapters.methods import METHODS, validate
+from loralab.studies.records import RecordStore, RunRecord
+from loralab.studies.runner import recorded_run, run_root
+from loralab.studies.space import Budget, trial_config
+from loralab.studies.writer import write_results
+from loralab.util import atomic_io
+from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_summary
-from loralab.studies.space import settings_digest, trial_config
-from loralab.studies.runner import in_fresh_process, record_path, recorded_trial
 
 
-def _budgeted(cfg: Config) -> Config:
-    """The compare budget expressed as the tuning budget that trial_config applies."""
-    import copy
-
-    out = copy.deepcopy(cfg)
-    out.tune.trial_examples = cfg.compare.train_examples
-    out.tune.trial_eval_examples = cfg.compare.eval_examples
-    return out
+def budget(cfg: Config) -> Budget:
+    return Budget(cfg.compare.train_examples, cfg.compare.eval_examples)
 
 
 def check(cfg: Config) -> None:
     """Every bad method name or option fails here, before any training."""
+    cfg.validate()
     cc = cfg.compare
-    if not cc.methods or not cc.seeds:
-        raise LoralabError("compare.methods and compare.seeds must not be empty")
     for entry in cc.methods:
         method, quantized = split_entry(entry)
-        trial = trial_config(_budgeted(cfg), _params(cfg, entry, 1e-3, cc.seeds[0]), Path("."), 1)  # what will run
+        trial = trial_config(cfg, _params(cfg, entry, 1e-3, cc.seeds[0]), Path("."), 1, budget(cfg))  # what will run
         try:
             validate(trial.lora, quantized)
             quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
         except LoralabError as exc:
             raise LoralabError(f"compare.methods: {entry}: {exc}") from None
-        if method == "adalora" and trial.train.max_steps < 5:
-            raise LoralabError(f"compare.methods: adalora needs at least 5 steps; compare.train_examples="
+        min_steps = get_method(method).min_steps  # a known method: validate passed
+        if trial.train.max_steps < min_steps:
+            raise LoralabError(f"compare.methods: {method} needs at least {min_steps} steps; compare.train_examples="
                                f"{cc.train_examples} at batch {trial.train.batch_size} gives {trial.train.max_steps}")
         rates = cc.learning_rates.get(entry, cc.learning_rates.get(method))
         if not rates or not all(isinstance(r, (int, float)) and r > 0 for r in rates):
             raise LoralabError(f"compare.learning_rates.{method}: give a non-empty list of positive learning rates")
-    if cc.train_examples < 1 or cc.generation_per_task < 1:
-        raise LoralabError("compare.train_examples and compare.generation_per_task must be at least 1")
 
 
 def split_entry(entry: str) -> tuple[str, str]:
@@ -78,44 +70,23 @@ def _params(cfg: Config, entry: str, lr: float, seed: int) -> dict:
     method, quantized = split_entry(entry)
     params = {"lora.method": method, "train.learning_rate": lr, "train.seed": seed}
     # Options of one method stay with it: a config's loraplus_lr_ratio must not reach the other methods.
-    if method != "loraplus" and cfg.lora.loraplus_lr_ratio is not None:
-        params["lora.loraplus_lr_ratio"] = None
-    if method != "adalora" and cfg.lora.adalora_init_r is not None:
-        params["lora.adalora_init_r"] = None
+    cleared, fixed = run_overrides(method, cfg.lora)  # fixed: e.g. ia3 takes only target_modules=auto
+    params.update(cleared)
     if quantized != "none":
         params["model.quantize_base"] = quantized
-    if method == "ia3":
-        params["lora.target_modules"] = "auto"
+    params.update(fixed)
     return params
 
 
-def _run(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
-    """One training run (resumable), plus its test-split quality when test_generation > 0."""
-    record = recorded_trial(cfg, params, run_root)
-    if test_generation and "test" not in record:
-        trial_cfg = trial_config(cfg, params, run_root, 1)
-        quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
-        record["test"] = {"perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
-                          "per_task": {task: v["primary"] for task, v in quality["per_task"].items()}}
-        atomic_io.write_json(record_path(run_root), record)
-    return record
+class _Progress:
+    """The `[done/total]` counter of the printed progress; the total grows when a grid is extended."""
 
+    def __init__(self, total: int):
+        self.done, self.total = 0, total
 
-def _in_fresh_process(cfg: Config, params: dict, run_root: Path, test_generation: int) -> dict:
-    """A finished run's record, from its run directory or from the committed record store
-    (`compare.records_dir`, so a fresh clone continues a comparison without retraining); otherwise the run,
-    in its own process. Every record is copied into the store as soon as it exists."""
-    stored = Path(cfg.compare.records_dir) / f"{run_root.name}.json"
-    for path in (record_path(run_root), stored):
-        if path.is_file():
-            record = json.loads(path.read_text())
-            if "test" in record or not test_generation:
-                if path != stored:
-                    atomic_io.write_json(stored, record)  # the store may hold an older record (before its test)
-                return record  # finished: no process to start
-    record = in_fresh_process(_run, cfg, params, run_root, test_generation)
-    atomic_io.write_json(stored, record)
-    return record
+    def say(self, text: str, count: bool = True) -> None:
+        self.done += count
+        print(f"[{self.done}/{self.total}] {text}", flush=True)
 
 
 def compare(cfg: Config) -> dict:
@@ -124,52 +95,61 @@ def compare(cfg: Config) -> dict:
     card = prepare_dataset(cfg.data)
     if not card["splits"]["eval"] or not card["splits"]["test"]:
         raise LoralabError("compare needs non-empty eval and test splits: raise data.eval_fraction / data.test_fraction")
-    budget = _budgeted(cfg)
+    store = RecordStore(cc.records_dir)
     rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
-    runs_total = sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods)
-    done_runs = 0
+    progress = _Progress(sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods))
     summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machines": [],
                      "methods_planned": list(cc.methods),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
-    for method in cc.methods:  # a method, or method@quantized-base
-        search: list[dict] = []
-        pending = list(rates[method])
-        while pending:
-            lr = pending.pop(0)
-            done_runs += 1
-            params = _params(cfg, method, lr, cc.seeds[0])
-            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
-            print(f"[{done_runs}/{runs_total}] {method}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)", flush=True)
-            record = _in_fresh_process(budget, params, root, 0)
-            _note_machine(summary, record)
-            search.append({"learning_rate": lr, "eval_loss": record["eval_loss"], "run_dir": str(root)})
-            if not pending:
-                beyond = lr_beyond_edge(search, rates[method], cc.lr_extensions)
-                if beyond is not None:
-                    pending.append(beyond)
-                    runs_total += 1
-                    print(f"{method}: the best learning rate is at the edge of the grid; trying {beyond:g}", flush=True)
+    for entry in cc.methods:  # a method, or method@quantized-base
+        search = _lr_search(cfg, entry, rates[entry], store, progress, summary)
         finite = [s for s in search if math.isfinite(s["eval_loss"])]  # a diverged candidate (NaN) never wins
         if not finite:
-            raise LoralabError(f"{method}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
+            raise LoralabError(f"{entry}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
         best_lr = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
         seeds = []
         for seed in cc.seeds:
-            params = _params(cfg, method, best_lr, seed)
-            root = Path(cc.runs_dir) / settings_digest(trial_config(budget, params, Path("."), 1))
-            if seed != cc.seeds[0]:
-                done_runs += 1
-            print(f"[{done_runs}/{runs_total}] {method}: lr {best_lr:g}, seed {seed} (test split)", flush=True)
-            seeds.append({"seed": seed, **_in_fresh_process(budget, params, root, cc.generation_per_task)})
-            _note_machine(summary, seeds[-1])
-        summary["methods"][method] = _aggregate(method, best_lr, search, seeds)
+            progress.say(f"{entry}: lr {best_lr:g}, seed {seed} (test split)", count=seed != cc.seeds[0])
+            record, _ = _run(cfg, entry, best_lr, seed, store, cc.generation_per_task)
+            _note_machine(summary, record)
+            seeds.append({"seed": seed, **record.to_json()})
+        summary["methods"][entry] = _aggregate(entry, best_lr, search, seeds)
         _write(cfg, summary)  # after every method: a killed compare keeps what it measured
     return summary
 
 
-def _note_machine(summary: dict, record: dict) -> None:
+def _run(cfg: Config, entry: str, lr: float, seed: int, store: RecordStore,
+         test_generation: int) -> tuple[RunRecord, Path]:
+    """One run of the comparison, done once (studies/runner.py), and its run directory."""
+    params = _params(cfg, entry, lr, seed)
+    root = run_root(cfg.compare.runs_dir, cfg, params, budget(cfg))
+    return recorded_run(cfg, params, root, budget(cfg), store, test_generation), root
+
+
+def _lr_search(cfg: Config, entry: str, grid: list[float], store: RecordStore, progress: _Progress,
+               summary: dict) -> list[dict]:
+    """Eval loss of each learning rate of the grid (first seed), extended past its edge while the edge wins."""
+    cc = cfg.compare
+    search: list[dict] = []
+    pending = list(grid)
+    while pending:
+        lr = pending.pop(0)
+        progress.say(f"{entry}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)")
+        record, root = _run(cfg, entry, lr, cc.seeds[0], store, 0)
+        _note_machine(summary, record)
+        search.append({"learning_rate": lr, "eval_loss": record.eval_loss, "run_dir": str(root)})
+        if not pending:
+            beyond = lr_beyond_edge(search, grid, cc.lr_extensions)
+            if beyond is not None:
+                pending.append(beyond)
+                progress.total += 1
+                print(f"{entry}: the best learning rate is at the edge of the grid; trying {beyond:g}", flush=True)
+    return search
+
+
+def _note_machine(summary: dict, record: RunRecord) -> None:
     """The CPUs the summary's runs trained on (a comparison continued elsewhere spans several)."""
-    if "machine" in record and (name := machine_summary(record["machine"])) not in summary["machines"]:
+    if record.machine is not None and (name := machine_summary(record.machine)) not in summary["machines"]:
         summary["machines"].append(name)
 
 
@@ -246,7 +226,8 @@ def _markdown(cfg: Config, summary: dict) -> str:
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * m['per_task'].get(t, math.nan):.1f}" for t in tasks) + " |")
-    lines += ["", "Learning-rate search (eval-split loss, first seed; candidates past the configured grid were added because the best sat on its edge):", ""]
+    lines += ["", "Learning-rate search (eval-split loss, first seed; candidates past the configured grid were added "
+              "because the best sat on its edge):", ""]
     for name, m in methods.items():
         lines.append(f"- {name}: " + ", ".join(f"{s['learning_rate']:g} → {s['eval_loss']:.4f}" for s in m["lr_search"]))
     rel = os.path.relpath(Path(cc.plots_dir).resolve() / "quality_tradeoffs.png", Path(cc.summary_md).resolve().parent)
@@ -282,7 +263,5 @@ def _plot(cfg: Config, summary: dict) -> None:
 
 
 def _write(cfg: Config, summary: dict) -> None:
-    atomic_io.write_json(cfg.compare.results_json, summary)  # first: the measurements must survive a plotting error
-    _plot(cfg, summary)
-    atomic_io.write_text(cfg.compare.summary_md, _markdown(cfg, summary))
-
+    cc = cfg.compare
+    write_results(cc.results_json, summary, cc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data))

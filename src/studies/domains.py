@@ -9,13 +9,14 @@
 3. Cross-evaluation: the base and every adapter on every domain's test split (answer perplexity;
    domain accuracy on the first `domains.generation_per_task` test questions per task), and on the
    general-knowledge probe (general_knowledge.py) for forgetting.
-Each finished training and each finished cell of the matrix is stored when it ends, so a killed
-run continues where it stopped. Results: `domains.results_json`, a Markdown summary and plots.
+Every training goes through the study runner (studies/runner.py: a fresh process, a record, a directory
+named by its run identity); each finished training and each finished cell of the matrix is stored when
+it ends, so a killed run continues where it stopped. Results: `domains.results_json`, a Markdown
+summary and plots.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -23,25 +24,20 @@ import random
 import sys
 from pathlib import Path
 
-from loralab.util import atomic_io
-from loralab.config import Config
+from loralab.config import MIXTURE, Config
+from loralab.data.builtin_domains import general_knowledge_questions
+from loralab.data.chat import ensure_chat_template
 from loralab.data.prepare import load_split, prepare_dataset
+from loralab.metrics.evaluate import measure_quality
+from loralab.metrics.general_knowledge import score_general_knowledge
+from loralab.model_utils import load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
+from loralab.studies.records import RecordStore, RunRecord
+from loralab.studies.runner import recorded_run, run_root
+from loralab.studies.space import Budget
+from loralab.studies.writer import write_results
+from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_description
-from loralab.studies.space import settings_digest, trial_config
-from loralab.studies.runner import recorded_trial
-
-MIXTURE = "mixture"
-
-
-def check(cfg: Config) -> None:
-    dc = cfg.domains
-    if len(dc.datasets) < 2:
-        raise LoralabError("domains.datasets: give at least two domains (name: dataset)")
-    if MIXTURE in dc.datasets or "base" in dc.datasets:
-        raise LoralabError(f"domains.datasets: '{MIXTURE}' and 'base' name the mixture adapter and the base model; rename that domain")
-    if dc.train_examples < 1 or dc.eval_examples < 1 or dc.generation_per_task < 1 or dc.general_questions < 1:
-        raise LoralabError("domains.train_examples, eval_examples, generation_per_task and general_questions must be at least 1")
 
 
 def _prepare(cfg: Config, name: str, dataset: str) -> Path:
@@ -80,14 +76,14 @@ def _training_sets(cfg: Config, prepared: dict[str, Path]) -> dict[str, Path]:
     return sets
 
 
-def _train(cfg: Config, data_dir: Path) -> dict:
-    """One adapter, one epoch over `data_dir`'s training split; resumable, recorded when done."""
-    budget = copy.deepcopy(cfg)
-    budget.data.out_dir = str(data_dir)
-    budget.tune.trial_examples = len(load_split(data_dir, "train"))
-    budget.tune.trial_eval_examples = len(load_split(data_dir, "eval"))
-    run_root = Path(cfg.domains.runs_dir) / "adapters" / settings_digest(trial_config(budget, {}, Path("."), 1))
-    return {**recorded_trial(budget, {}, run_root), "adapter_dir": str(run_root / "adapter")}
+def _train(cfg: Config, data_dir: Path) -> tuple[RunRecord, str]:
+    """One adapter, one epoch over `data_dir`'s training split (done once: studies/runner.py); its record
+    and its adapter directory."""
+    on_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, out_dir=str(data_dir)))
+    budget = Budget(len(load_split(data_dir, "train")), len(load_split(data_dir, "eval")))
+    root = run_root(Path(cfg.domains.runs_dir) / "adapters", on_data, {}, budget)
+    record = recorded_run(on_data, {}, root, budget, RecordStore(), needs_adapter=True)
+    return record, str(root / "adapter")
 
 
 class _Cells:
@@ -108,12 +104,6 @@ class _Cells:
 
 def _evaluate(cfg: Config, adapters: dict[str, str | None], prepared: dict[str, Path]) -> dict:
     """Every model (None: the base) on every domain's test split and on the general-knowledge probe."""
-    from loralab.data.builtin_domains import general_knowledge_questions
-    from loralab.metrics.evaluate import measure_quality
-    from loralab.data.chat import ensure_chat_template
-    from loralab.metrics.general_knowledge import score_general_knowledge
-    from loralab.model_utils import load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
-
     dc = cfg.domains
     cells = _Cells(Path(dc.runs_dir) / "cells.json")
     device = resolve_device(cfg.model.device)
@@ -147,33 +137,37 @@ def _evaluate(cfg: Config, adapters: dict[str, str | None], prepared: dict[str, 
 
 
 def run_domains(cfg: Config) -> dict:
-    check(cfg)
+    cfg.validate()  # domains.datasets names at least two domains, none of them reserved
     dc = cfg.domains
     prepared = {name: _prepare(cfg, name, dataset) for name, dataset in dc.datasets.items()}
     training_sets = _training_sets(cfg, prepared)
-    records = {}
+    records: dict[str, RunRecord] = {}
+    adapters: dict[str, str | None] = {"base": None}
     for number, (name, data_dir) in enumerate(training_sets.items(), 1):
         print(f"[{number}/{len(training_sets)}] training the {name} adapter on {data_dir}", flush=True)
-        records[name] = _train(cfg, data_dir)
-    adapters = {"base": None, **{name: r["adapter_dir"] for name, r in records.items()}}
+        records[name], adapters[name] = _train(cfg, data_dir)
     matrix = _evaluate(cfg, adapters, prepared)
-    summary = {
+    summary = _summary(cfg, prepared, records, matrix)
+    write_results(dc.results_json, summary, dc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data))
+    return summary
+
+
+def _summary(cfg: Config, prepared: dict[str, Path], records: dict[str, RunRecord], matrix: dict) -> dict:
+    dc = cfg.domains
+    return {
         "machine": machine_description(),
         "train_examples_per_domain": dc.train_examples,
         "learning_rate": cfg.train.learning_rate,
         "lora": {"method": cfg.lora.method, "rank": cfg.lora.r, "alpha": cfg.lora.alpha},
         "domains": {name: {"dataset": dc.datasets[name],
-                           "card": json.loads((prepared[name] / "dataset_card.json").read_text())["splits"]} for name in prepared},
+                           "card": json.loads((prepared[name] / "dataset_card.json").read_text())["splits"]}
+                    for name in prepared},
         "general_questions": dc.general_questions,
         "generation_per_task": dc.generation_per_task,
-        "training": {name: {k: r[k] for k in ("steps", "eval_loss", "wall_seconds", "tokens_per_s", "peak_rss_mb",
-                                              "trainable_parameters", "adapter_mb")} for name, r in records.items()},
+        "training": {name: {k: getattr(r, k) for k in ("steps", "eval_loss", "wall_seconds", "tokens_per_s", "peak_rss_mb",
+                                                       "trainable_parameters", "adapter_mb")} for name, r in records.items()},
         "matrix": matrix,
     }
-    atomic_io.write_json(dc.results_json, summary)  # first: the measurements must survive a plotting error
-    _plot(cfg, summary)
-    atomic_io.write_text(dc.summary_md, _markdown(cfg, summary))
-    return summary
 
 
 def _pct(new: float, old: float) -> str:
@@ -219,7 +213,8 @@ def _markdown(cfg: Config, summary: dict) -> str:
     for m in models:
         g = matrix[m]["general"]
         lines.append(f"| {m} | {g['text_perplexity']:.2f} | {_pct(g['text_perplexity'], base_general['text_perplexity'])} | "
-                     f"{g['mc_accuracy']:.1f} ± {g['mc_accuracy_se']:.1f} | {g['mc_accuracy'] - base_general['mc_accuracy']:+.1f} |")
+                     f"{g['mc_accuracy']:.1f} ± {g['mc_accuracy_se']:.1f} | "
+                     f"{g['mc_accuracy'] - base_general['mc_accuracy']:+.1f} |")
     lines += ["", "## The mixture against the specialists, on each specialist's own domain", "",
               "| domain | specialist ppl | mixture ppl | mixture vs specialist | specialist acc. % | mixture acc. % |",
               "|---|---:|---:|---:|---:|---:|"]
@@ -227,7 +222,8 @@ def _markdown(cfg: Config, summary: dict) -> str:
         s, mix = matrix[d][d], matrix[MIXTURE][d]
         lines.append(f"| {d} | {s['perplexity']:.2f} | {mix['perplexity']:.2f} | {_pct(mix['perplexity'], s['perplexity'])} | "
                      f"{s['domain_accuracy']:.1f} | {mix['domain_accuracy']:.1f} |")
-    lines += ["", "## Training", "", "| adapter | steps | eval loss | wall s | tokens/s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "## Training", "", "| adapter | steps | eval loss | wall s | tokens/s | peak RSS MB |",
+              "|---|---:|---:|---:|---:|---:|"]
     for name, t in summary["training"].items():
         lines.append(f"| {name} | {t['steps']} | {t['eval_loss']:.4f} | {t['wall_seconds']:.0f} | {t['tokens_per_s']:.0f} | "
                      f"{t['peak_rss_mb']:.0f} |")

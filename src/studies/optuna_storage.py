@@ -29,7 +29,8 @@ def masked_url(url: str) -> str:
 
 def open_storage(tc) -> Any:
     """Optuna's RDB storage with heartbeats: a trial whose worker stops beating for
-    `grace_seconds` is marked FAIL and re-queued with the same params (up to `max_retries`)."""
+    `grace_seconds` is marked FAIL and re-queued with the same params (up to `max_retries`); their
+    ranges are checked with the rest of the config (TuneConfig.check_ranges)."""
     import_optuna()
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -37,8 +38,6 @@ def open_storage(tc) -> Any:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if url.startswith("postgresql") else {}
-    if tc.heartbeat_seconds < 1 or tc.grace_seconds <= tc.heartbeat_seconds:
-        raise LoralabError("tune.heartbeat_seconds must be >= 1 and tune.grace_seconds larger than it")
     try:
         return RDBStorage(
             url,

@@ -1,4 +1,9 @@
-"""One budgeted training run with its cost measured: the unit of work of `tune` and `sweep`."""
+"""The study runner: one budgeted training run with its cost measured, run once, in a fresh process.
+
+tune, sweep, compare and domains all train through `run_trial`; sweep, compare and domains run
+each training in its own spawned process (`in_fresh_process`), so its peak memory is its own.
+tune trains in the worker's process: Optuna's pruning asks the live trial after every report.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +12,21 @@ import math
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, TypeVar
 
-from loralab.util import atomic_io
-from loralab.config import Config
-from loralab.util.errors import LoralabError
+from loralab.config import Config, run_digest
+from loralab.metrics.evaluate import evaluate_adapter
+from loralab.studies.records import RECORD_FILE, RecordStore, RunRecord, TestQuality, read_record, write_record
+from loralab.studies.space import Budget, trial_config
 from loralab.training.recipe import train
+from loralab.util.errors import LoralabError
 from loralab.util.library_noise import quiet_library_noise
 from loralab.util.resources import PeakRss, machine_description
-from loralab.studies.space import trial_config
+
+T = TypeVar("T")
 
 
 def adapter_megabytes(adapter_dir: str | Path) -> float:
@@ -26,22 +35,28 @@ def adapter_megabytes(adapter_dir: str | Path) -> float:
     return round(sum(f.stat().st_size for f in files) / 2**20, 3)
 
 
+def run_root(runs_dir: str | Path, cfg: Config, params: dict[str, Any], budget: Budget) -> Path:
+    """A run's directory, named by the identity of what it trains (config.run_digest)."""
+    return Path(runs_dir) / run_digest(trial_config(cfg, params, Path("."), 1, budget))
+
+
 def run_trial(
     cfg: Config,
     params: dict[str, Any],
-    run_root: Path,
+    root: Path,
+    budget: Budget,
     reports: int,
     resume: bool,
     on_eval: Callable[[int, int, float], None] | None = None,
-) -> tuple[dict, Config]:
-    """Train one trial under `run_root`; return its record (params, eval loss, cost) and its config.
+) -> tuple[RunRecord, Config]:
+    """Train one run under `root` on `budget`; return its record (params, eval loss, cost) and its config.
 
-    `resume=False` clears `run_root` first: a trial number or digest reused by a new study must
+    `resume=False` clears `root` first: a trial number or digest reused by a new study must
     never continue a stale checkpoint. KeyboardInterrupt propagates after the checkpoint is saved.
     """
-    trial_cfg = trial_config(cfg, params, run_root, reports)
-    if not resume and run_root.exists():
-        shutil.rmtree(run_root)
+    trial_cfg = trial_config(cfg, params, root, reports, budget)
+    if not resume and root.exists():
+        shutil.rmtree(root)
     started = time.perf_counter()
     with PeakRss() as rss:
         result = train(trial_cfg, resume=resume, quiet=True, on_eval=on_eval)
@@ -50,40 +65,55 @@ def run_trial(
     if result.final_eval_loss is None:
         raise LoralabError("no eval example fits in train.max_length; raise it (or give the eval split more rows)")
     args = json.loads((Path(trial_cfg.train.output_dir) / "training_args.json").read_text())
-    record = {
-        "params": params,
-        "lora_alpha": trial_cfg.lora.alpha,
-        "trial_examples": cfg.tune.trial_examples,
-        "steps": trial_cfg.train.max_steps,
-        "eval_loss": result.final_eval_loss,
-        "eval_perplexity": math.exp(result.final_eval_loss),
-        "final_train_loss": result.final_train_loss,
-        "trainable_parameters": args["trainable_parameters"],
-        "adapter_mb": adapter_megabytes(trial_cfg.train.output_dir),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "tokens_per_s": args["mean_tokens_per_s"],
-        "peak_rss_mb": round(rss.peak_mb, 1),
-        "run_dir": str(run_root),
-        "machine": machine_description(),  # timings compare only on the same CPU; a study may span machines
-    }
+    record = RunRecord(
+        params=params,
+        lora_alpha=trial_cfg.lora.alpha,
+        trial_examples=budget.train_examples,
+        steps=trial_cfg.train.max_steps,
+        eval_loss=result.final_eval_loss,
+        eval_perplexity=math.exp(result.final_eval_loss),
+        final_train_loss=result.final_train_loss,
+        trainable_parameters=args["trainable_parameters"],
+        adapter_mb=adapter_megabytes(trial_cfg.train.output_dir),
+        wall_seconds=round(time.perf_counter() - started, 1),
+        tokens_per_s=args["mean_tokens_per_s"],
+        peak_rss_mb=round(rss.peak_mb, 1),
+        run_dir=str(root),
+        machine=machine_description(),
+    )
     return record, trial_cfg
 
 
-def record_path(run_root: Path) -> Path:
-    return run_root / "record.json"
-
-
-def recorded_trial(cfg: Config, params: dict[str, Any], run_root: Path) -> dict:
-    """`run_trial` once per run directory: one whose record.json and adapter exist is reused, not retrained;
-    an unfinished one resumes from its checkpoint."""
-    if record_path(run_root).is_file() and (run_root / "adapter" / "training_args.json").is_file():
-        return json.loads(record_path(run_root).read_text())
-    record, _ = run_trial(cfg, params, run_root, reports=1, resume=True)
-    atomic_io.write_json(record_path(run_root), record)
+def _train_and_test(cfg: Config, params: dict[str, Any], root: Path, budget: Budget, test_generation: int) -> RunRecord:
+    """In the run's own process: the training (resumed, or reused when it finished before its test was
+    measured), then its test-split quality when test_generation > 0."""
+    if (root / RECORD_FILE).is_file() and (root / "adapter" / "training_args.json").is_file():
+        record = read_record(root / RECORD_FILE)
+    else:
+        record, _ = run_trial(cfg, params, root, budget, reports=1, resume=True)
+        write_record(root / RECORD_FILE, record)
+    if test_generation and record.test is None:
+        trial_cfg = trial_config(cfg, params, root, 1, budget)
+        quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "test", test_generation)
+        record.test = TestQuality(quality["perplexity"], quality["domain_accuracy"],
+                                  {task: v["primary"] for task, v in quality["per_task"].items()})
+        write_record(root / RECORD_FILE, record)
     return record
 
 
-def in_fresh_process(function: Callable[..., dict], *args: Any) -> dict:
+def recorded_run(cfg: Config, params: dict[str, Any], root: Path, budget: Budget, store: RecordStore,
+                 test_generation: int = 0, needs_adapter: bool = False) -> RunRecord:
+    """A run done once: its stored record when it finished, otherwise the run (resumed from its checkpoint
+    when it was interrupted) in a fresh process, stored as soon as it ends. `needs_adapter`: the caller
+    goes on to use the adapter, so a record without it on disk does not count."""
+    record = store.load(root, needs_test=test_generation > 0, needs_adapter=needs_adapter)
+    if record is None:
+        record = in_fresh_process(_train_and_test, cfg, params, root, budget, test_generation)
+        store.save(root, record)
+    return record
+
+
+def in_fresh_process(function: Callable[..., T], *args: Any) -> T:
     """function(*args) in a new spawned process: its peak memory is its own, not the high-water mark of
     every run before it in this process (freed tensors stay in a process's heap)."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),

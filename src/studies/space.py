@@ -1,4 +1,4 @@
-"""Search spaces and trial configs shared by `loralab tune` and `loralab sweep`.
+"""Search spaces and budgeted run configs shared by the studies (tune, sweep, compare, domains).
 
 A space maps `section.key` to a list (categorical choices) or a mapping {low, high, log} (a
 range; an int range when both ends are ints). Everything is validated against the config
@@ -8,7 +8,6 @@ dataclasses before any training starts, so a typo costs a one-line error, not an
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
 import json
 from dataclasses import dataclass
@@ -90,7 +89,7 @@ def grid_points(params: list[Param]) -> list[dict[str, Any]]:
 
 
 def trial_overrides(cfg: Config, params: dict[str, Any]) -> Config:
-    """A copy of `cfg` with `params` applied (validates names and types)."""
+    """A copy of `cfg` with `params` applied, validated (names, types, choices and ranges)."""
     trial = copy.deepcopy(cfg)
     plain = {k: v for k, v in params.items() if k != ALPHA_RATIO}
     apply_overrides(trial, [f"{k}={json.dumps(v)}" for k, v in plain.items()])
@@ -99,36 +98,30 @@ def trial_overrides(cfg: Config, params: dict[str, Any]) -> Config:
         if ratio <= 0:
             raise LoralabError(f"tune.space.{ALPHA_RATIO}: must be positive, got {ratio}")
         trial.lora.alpha = max(1, round(ratio * trial.lora.r))
-    return trial
+    return trial.validate()
 
 
-def trial_config(cfg: Config, params: dict[str, Any], run_root: Path, reports: int) -> Config:
-    """The config of one budgeted trial: `tune.trial_examples` training examples whatever the batch
+@dataclass(frozen=True)
+class Budget:
+    """What one study run may spend, given to the trial runner by each study (tune, sweep, compare,
+    domains) instead of being written into another study's settings."""
+
+    train_examples: int  # steps = train_examples / (batch x accumulation), whatever the batch size
+    eval_examples: int  # eval-loss subset; 0: the whole eval split
+
+
+def trial_config(cfg: Config, params: dict[str, Any], run_root: Path, reports: int, budget: Budget) -> Config:
+    """The config of one budgeted run: `budget.train_examples` training examples whatever the batch
     size, `reports` intermediate eval losses, and every output under `run_root`."""
     trial = trial_overrides(cfg, params)
     t = trial.train
-    steps = max(1, cfg.tune.trial_examples // (t.batch_size * t.gradient_accumulation))
+    steps = max(1, budget.train_examples // (t.batch_size * t.gradient_accumulation))
     t.max_steps = steps
-    t.eval_examples = cfg.tune.trial_eval_examples
+    t.eval_examples = budget.eval_examples
     t.eval_every = max(1, steps // max(1, reports))
     t.save_every = t.eval_every
     t.run_dir = str(run_root / "run")
     t.output_dir = str(run_root / "adapter")
-    t.log_file = str(run_root / "training_logs.txt")
-    t.loss_plot = ""
+    t.results_dir = str(run_root)  # training_logs.txt
+    t.plot_loss = False
     return trial
-
-
-NUMERICS_DEFAULTS = {"quantize_base": "none", "frozen_dtype": "auto", "precision": "auto"}
-
-
-def settings_digest(cfg: Config) -> str:
-    """Names a run directory by what was trained, so a re-run resumes only its own checkpoint."""
-    key = {"lora": cfg.to_dict()["lora"], "train": {k: v for k, v in cfg.to_dict()["train"].items() if not k.endswith(("_dir", "_file", "_plot"))},
-           "model": cfg.model.name_or_path, "data": cfg.data.out_dir}
-    # Numerics settings enter the name only when they differ from the defaults, so the run directories
-    # (and resumable sweeps) of default-precision runs keep their names.
-    numerics = {k: getattr(cfg.model, k) for k, default in NUMERICS_DEFAULTS.items() if getattr(cfg.model, k) != default}
-    if numerics:
-        key["model_numerics"] = numerics
-    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]

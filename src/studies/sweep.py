@@ -1,29 +1,30 @@
 """`loralab sweep`: sensitivity, one factor at a time around a configuration (usually the best one
 from `loralab tune`: `loralab sweep --config experiments/best_config.yaml`).
 
-Every point trains on `tune.trial_examples` examples (so a batch-size sweep has an equal token
-budget) and is measured on the eval split: answer perplexity, domain accuracy from greedy answers,
-trainable parameters, adapter size on disk, tokens/s and peak memory. A point shared by several
-factors (the centre) runs once. Results are rewritten after every point, and finished points are
-skipped on a re-run, so a killed sweep continues; an interrupted point resumes its checkpoint.
+Every point trains on `sweep.train_examples` examples (so a batch-size sweep has an equal token
+budget), in a fresh process (studies/runner.py), and is measured on the eval split: answer perplexity,
+domain accuracy from greedy answers, trainable parameters, adapter size on disk, tokens/s and peak
+memory. A point shared by several factors (the centre) runs once. Results are rewritten after every
+point, and finished points are skipped on a re-run, so a killed sweep continues; an interrupted point
+resumes its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from loralab.util import atomic_io
 from loralab.config import Config
 from loralab.data.prepare import prepare_dataset
-from loralab.util.errors import LoralabError
 from loralab.metrics.evaluate import evaluate_adapter
-from loralab.studies.space import settings_digest, trial_config, trial_overrides
-from loralab.studies.runner import in_fresh_process, run_trial
+from loralab.studies.runner import in_fresh_process, run_root, run_trial
+from loralab.studies.space import Budget, trial_overrides
+from loralab.studies.writer import write_results
+from loralab.util import atomic_io
+from loralab.util.errors import LoralabError
 
 
 def _current(cfg: Config, name: str) -> Any:
@@ -33,23 +34,22 @@ def _current(cfg: Config, name: str) -> Any:
 
 def sweep_points(cfg: Config) -> list[tuple[str, Any, dict[str, Any]]]:
     """(factor, value as written, params) for every point; "xF" is F times the config's value."""
-    if not isinstance(cfg.tune.sweep, dict) or not cfg.tune.sweep:
-        raise LoralabError("tune.sweep is empty: give section.key: [values] for at least one factor")
+    cfg.sweep.validate()
     points = []
-    for name, values in cfg.tune.sweep.items():
+    for name, values in cfg.sweep.factors.items():
         if not isinstance(values, list) or not values:
-            raise LoralabError(f"tune.sweep.{name}: expected a non-empty list of values")
+            raise LoralabError(f"sweep.factors.{name}: expected a non-empty list of values")
         if "." not in name:
-            raise LoralabError(f"tune.sweep.{name}: expected section.key")
+            raise LoralabError(f"sweep.factors.{name}: expected section.key")
         for value in values:
             if isinstance(value, str) and value.startswith("x"):
                 try:
                     factor = float(value[1:])
                 except ValueError:
-                    raise LoralabError(f"tune.sweep.{name}: {value!r} is neither a value nor a multiplier like x3") from None
+                    raise LoralabError(f"sweep.factors.{name}: {value!r} is neither a value nor a multiplier like x3") from None
                 base = _current(cfg, name)
                 if isinstance(base, bool) or not isinstance(base, (int, float)):
-                    raise LoralabError(f"tune.sweep.{name}: a multiplier needs a numeric setting, it is {base!r}")
+                    raise LoralabError(f"sweep.factors.{name}: a multiplier needs a numeric setting, it is {base!r}")
                 resolved = type(base)(base * factor) if isinstance(base, float) else max(1, round(base * factor))
             else:
                 resolved = value
@@ -114,58 +114,59 @@ def _markdown(summary: dict, plot_path: str, md_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _measure_point(cfg: Config, params: dict[str, Any], run_root: Path) -> dict:
-    record, trial_cfg = run_trial(cfg, params, run_root, reports=1, resume=True)
-    quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "eval", cfg.tune.sweep_generation_per_task)
-    record.update({
+def budget(cfg: Config) -> Budget:
+    return Budget(cfg.sweep.train_examples, cfg.sweep.eval_examples)
+
+
+def _measure_point(cfg: Config, params: dict[str, Any], root: Path) -> dict:
+    """In the point's own process: train it (resuming a checkpoint), then measure it on the eval split."""
+    record, trial_cfg = run_trial(cfg, params, root, budget(cfg), reports=1, resume=True)
+    quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "eval", cfg.sweep.generation_per_task)
+    row = record.to_json()
+    row.update({
         "eval_perplexity": quality["perplexity"],
         "domain_accuracy": quality["domain_accuracy"],
         "domain_accuracy_se": quality["domain_accuracy_se"],
         "per_task_primary": {task: v["primary"] for task, v in quality["per_task"].items()},
     })
-    return record
+    return row
 
 
 def sweep(cfg: Config) -> dict:
-    tc = cfg.tune
+    sc = cfg.sweep
     points = sweep_points(cfg)
-    if tc.sweep_generation_per_task < 1:
-        raise LoralabError("tune.sweep_generation_per_task must be at least 1")
     card = prepare_dataset(cfg.data)
     if not card["splits"]["eval"]:
         raise LoralabError("the sweep measures on the eval split, which is empty: raise data.eval_fraction")
-    results_path = Path(tc.sweep_results_json)
+    results_path = Path(sc.results_json)
     previous = json.loads(results_path.read_text()) if results_path.is_file() else {}
     # Reused only when measured the same way (same generation subset size and length).
-    measured_as = {"generation_per_task": tc.sweep_generation_per_task, "max_new_tokens": cfg.eval.max_new_tokens}
+    measured_as = {"generation_per_task": sc.generation_per_task, "max_new_tokens": cfg.eval.max_new_tokens}
     done = {r["digest"]: r for r in previous.get("points", []) if r.get("measured_as") == measured_as}
-    center = {name: _current(cfg, name) for name in tc.sweep}
+    center = {name: _current(cfg, name) for name in sc.factors}
     records: list[dict] = []
-    measured: dict[str, dict] = {}
     for index, (factor, value, params) in enumerate(points, 1):
-        digest = settings_digest(trial_config(cfg, params, Path("."), 1))
-        point = {"factor": factor, "value": value, "resolved": params[factor], "digest": digest}
-        if digest in done or digest in measured:
-            records.append({**(done.get(digest) or measured[digest]), **point})
-            continue
-        print(f"point {index}/{len(points)}: {factor} = {params[factor]}", flush=True)
-        started = time.perf_counter()
-        record = in_fresh_process(_measure_point, cfg, params, Path(tc.runs_dir) / "sweep" / digest)
-        record.update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
-        measured[digest] = record
-        records.append({**record, **point})
-        print(f"  eval ppl {record['eval_perplexity']:.3f}, domain accuracy {record['domain_accuracy']:.1f}%, "
-              f"{record['tokens_per_s']:.0f} tokens/s, peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
-        _write(cfg, center, records, complete=False)
+        root = run_root(sc.runs_dir, cfg, params, budget(cfg))
+        point = {"factor": factor, "value": value, "resolved": params[factor], "digest": root.name}
+        if root.name not in done:
+            print(f"point {index}/{len(points)}: {factor} = {params[factor]}", flush=True)
+            started = time.perf_counter()
+            done[root.name] = in_fresh_process(_measure_point, cfg, params, root)
+            done[root.name].update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
+            r = done[root.name]
+            print(f"  eval ppl {r['eval_perplexity']:.3f}, domain accuracy {r['domain_accuracy']:.1f}%, "
+                  f"{r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            records.append({**done[root.name], **point})
+            _write(cfg, center, records, complete=False)
+        else:
+            records.append({**done[root.name], **point})
     return _write(cfg, center, records, complete=True)
 
 
 def _write(cfg: Config, center: dict, records: list[dict], complete: bool) -> dict:
-    tc = cfg.tune
-    summary = {"center": center, "trial_examples": tc.trial_examples, "generation_per_task": tc.sweep_generation_per_task,
+    sc = cfg.sweep
+    summary = {"center": center, "trial_examples": sc.train_examples, "generation_per_task": sc.generation_per_task,
                "split": "eval", "complete": complete, "points": records}
-    atomic_io.write_json(tc.sweep_results_json, summary)  # first: the measurements must survive a plotting error
-    _plot(records, Path(tc.sweep_plot))
-    atomic_io.write_text(tc.sweep_summary_md, _markdown(summary, tc.sweep_plot, tc.sweep_summary_md))
+    write_results(sc.results_json, summary, sc.summary_md, lambda data: _markdown(data, sc.plot, sc.summary_md),
+                  lambda data: _plot(data["points"], Path(sc.plot)))
     return summary
-

@@ -26,43 +26,37 @@ import math
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loralab.config import Config
+from loralab.config import Config, run_identity
 from loralab.data.prepare import prepare_dataset
-from loralab.util.errors import LoralabError
-from loralab.studies.space import Param, grid_points, parse_space
-from loralab.studies.optuna_storage import RESUME_OF, import_optuna, continued_trial, masked_url, open_storage
+from loralab.studies.optuna_storage import RESUME_OF, continued_trial, import_optuna, masked_url, open_storage
 from loralab.studies.runner import run_trial
+from loralab.studies.space import Budget, Param, grid_points, parse_space
+from loralab.util.errors import LoralabError
 
-SAMPLERS = ("tpe", "grid", "random")
-PRUNERS = ("median", "hyperband", "none")
 SETUP_ATTR = "loralab_setup"  # study user attr: the settings every worker of this study must share
 READY_ATTR = "loralab_ready"  # set once the study's creator has queued its grid
 
 
-# Settings that do not change what a trial measures: where files go, which device runs it.
-_NOT_MEASURED = {"data": {"out_dir"}, "model": {"cache_dir", "device"},
-                 "train": {"run_dir", "output_dir", "log_file", "loss_plot", "eval_every", "save_every", "keep_checkpoints"}}
+def budget(cfg: Config) -> Budget:
+    return Budget(cfg.tune.trial_examples, cfg.tune.trial_eval_examples)
 
 
 def _setup_fingerprint(cfg: Config) -> dict:
-    """Everything that makes two trials comparable: the search, its budget, and every setting that
-    is not searched (a worker with another max_length or dataset would measure something else).
-    JSON round-trip so YAML ints and floats compare equal."""
+    """Everything that makes two trials comparable: the search, its budget, and the run identity
+    (config.run_identity) of every setting that is not searched (a worker with another max_length
+    or dataset would measure something else). JSON-normalised so YAML ints and floats compare equal."""
     tc = cfg.tune
     searched = set(tc.space)
     setup = {"space": tc.space, "sampler": tc.sampler, "trial_examples": tc.trial_examples,
              "trial_eval_examples": tc.trial_eval_examples, "reports_per_trial": tc.reports_per_trial}
-    for section in ("data", "model", "lora", "train"):
-        values = cfg.to_dict()[section]
-        setup[section] = {k: v for k, v in values.items()
-                          if k not in _NOT_MEASURED.get(section, set()) and f"{section}.{k}" not in searched}
+    for section, values in run_identity(cfg).items():
+        setup[section] = {k: v for k, v in values.items() if f"{section}.{k}" not in searched}
     return json.loads(json.dumps(setup, sort_keys=True, default=str))
 
 
@@ -178,7 +172,8 @@ class Objective:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine ran what
         print(f"trial {trial.number}: {values}" + (f" (continues trial {origin})" if origin is not None else ""), flush=True)
         try:
-            record, _ = run_trial(self.cfg, values, run_root, tc.reports_per_trial, resume=origin is not None, on_eval=on_eval)
+            record, _ = run_trial(self.cfg, values, run_root, budget(self.cfg), tc.reports_per_trial,
+                                  resume=origin is not None, on_eval=on_eval)
         except optuna.TrialPruned:
             shutil.rmtree(run_root, ignore_errors=True)  # its checkpoints will never be resumed
             raise
@@ -186,10 +181,10 @@ class Objective:
             # Re-queue the same params so the next `loralab tune` resumes this trial's checkpoint.
             trial.study.enqueue_trial(values, user_attrs={RESUME_OF: origin if origin is not None else trial.number})
             raise
-        for key, value in record.items():
+        for key, value in record.to_json().items():
             if key != "params":
                 trial.set_user_attr(key, value)
-        return record["eval_loss"]
+        return record.eval_loss
 
 
 def _log_trial(cfg: Config):
@@ -241,15 +236,8 @@ def _work_sampled(study, objective: Objective, cfg: Config, deadline: float | No
 
 
 def validate(cfg: Config) -> list[Param]:
-    tc = cfg.tune
-    if tc.sampler not in SAMPLERS:
-        raise LoralabError(f"tune.sampler={tc.sampler!r}: expected one of {', '.join(SAMPLERS)}")
-    if tc.pruner not in PRUNERS:
-        raise LoralabError(f"tune.pruner={tc.pruner!r}: expected one of {', '.join(PRUNERS)}")
-    if tc.n_trials < 1 or tc.timeout_minutes < 0 or tc.reports_per_trial < 1 or tc.trial_examples < 1:
-        raise LoralabError("tune.n_trials, tune.reports_per_trial and tune.trial_examples must be >= 1, tune.timeout_minutes >= 0")
-    if tc.trial_eval_examples < 0:
-        raise LoralabError("tune.trial_eval_examples must be >= 0 (0 means the whole eval split)")
+    """The config (choices and ranges: config.py) and the search space, before any training."""
+    tc = cfg.validate().tune
     params = parse_space(tc.space, cfg)
     if tc.sampler == "grid":
         grid_points(params)

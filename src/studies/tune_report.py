@@ -6,7 +6,6 @@ worker that finishes regenerates it.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections import Counter
@@ -14,17 +13,17 @@ from pathlib import Path
 
 import yaml
 
-from loralab.util import atomic_io
 from loralab.config import Config
 from loralab.studies.optuna_storage import continued_trial, masked_url
 from loralab.studies.space import trial_overrides
+from loralab.studies.writer import write_results as write_results_files
+from loralab.util import atomic_io
 
 COST_KEYS = ("eval_perplexity", "final_train_loss", "lora_alpha", "steps", "trainable_parameters", "adapter_mb",
              "wall_seconds", "tokens_per_s", "peak_rss_mb", "pruned_at", "skipped", "run_dir", "worker")
 
 
 def trial_record(frozen) -> dict:
-
     record = {
         "number": frozen.number,
         "state": frozen.state.name,
@@ -92,7 +91,8 @@ def _markdown(summary: dict, cfg: Config) -> str:
     lines += ["", "tokens/s and wall time are per trial on this machine's 2 cores; other work running at the same time lowers "
               "them. Peak RSS is the trial process's resident memory while the trial ran, which includes memory the "
               "process kept from earlier trials: compare `loralab sweep` (one process per point) for memory."]
-    header = ["trial", "state", *names, "eval loss", "eval ppl", "trainable params", "adapter MB", "tokens/s", "peak RSS MB", "wall s"]
+    header = ["trial", "state", *names, "eval loss", "eval ppl", "trainable params", "adapter MB", "tokens/s", "peak RSS MB",
+              "wall s"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         loss = r["eval_loss"] if r["eval_loss"] is not None else (
@@ -104,7 +104,8 @@ def _markdown(summary: dict, cfg: Config) -> str:
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     if summary["plots"]:
         here = Path(cfg.tune.summary_md).resolve().parent
-        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({os.path.relpath(Path(p).resolve(), here)})" for p in summary["plots"]]
+        lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({os.path.relpath(Path(p).resolve(), here)})"
+                                         for p in summary["plots"]]
     return "\n".join(lines) + "\n"
 
 
@@ -177,8 +178,8 @@ def _plots(study, cfg: Config) -> list[str]:
 
 
 def write_results(study, cfg: Config) -> dict:
+    """metrics_comparison.json, the Markdown table, the plots and best_config.yaml, from the study's storage."""
     from optuna.trial import TrialState
-
 
     records = [trial_record(t) for t in study.get_trials(deepcopy=False)]
     complete = [r for r in records if r["state"] == "COMPLETE"]
@@ -197,16 +198,21 @@ def write_results(study, cfg: Config) -> dict:
         "budget": {"n_trials": tc.n_trials, "timeout_minutes": tc.timeout_minutes},
         "counts": dict(Counter(r["state"] for r in records)),
         "best": best,
-        "param_importances": _importances(study) if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) > 1 else {},
+        "param_importances": _importances(study) if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) > 1
+        else {},
         "trials": records,
         "plots": [],
     }
-    summary["plots"] = _plots(study, cfg) if complete else []
-    files = {Path(tc.results_json): json.dumps(summary, indent=2).encode(), Path(tc.summary_md): _markdown(summary, cfg).encode()}
-    if best:
-        best_cfg = trial_overrides(cfg, best["params"])
-        header = (f"# Best trial ({best['number']}) of study '{tc.study_name}', eval loss {best['eval_loss']:.4f}: written by "
-                  f"`loralab tune`. Use it as `loralab train --config {tc.best_config_yaml}`.\n")
-        files[Path(tc.best_config_yaml)] = (header + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)).encode()
-    atomic_io.write_files(files)
+    extra = {Path(tc.best_config_yaml): _best_config_yaml(cfg, best).encode()} if best else {}
+    write_results_files(tc.results_json, summary, tc.summary_md, lambda data: _markdown(data, cfg),
+                        lambda data: data["plots"].extend(_plots(study, cfg) if complete else []), extra)
     return summary
+
+
+def _best_config_yaml(cfg: Config, best: dict) -> str:
+    """The whole config with the best trial's params: `loralab train --config` takes it unchanged."""
+    tc = cfg.tune
+    best_cfg = trial_overrides(cfg, best["params"])
+    header = (f"# Best trial ({best['number']}) of study '{tc.study_name}', eval loss {best['eval_loss']:.4f}: written by "
+              f"`loralab tune`. Use it as `loralab train --config {tc.best_config_yaml}`.\n")
+    return header + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False)

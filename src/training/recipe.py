@@ -1,44 +1,39 @@
-"""`loralab train`: LoRA fine-tuning in one readable loop (nanoGPT-style).
+"""`loralab train`: LoRA fine-tuning as setup -> loop -> finish (nanoGPT's loop, torchtune's recipe shape).
 
 Why not transformers.Trainer: loralab needs four things Trainer does not give together on a small
-CPU: logits only at answer positions (losses.py), length-bucketed batches that waste little on
-padding, a batch plan that is a pure function of the seed (so `--resume` reproduces an
+CPU: logits only at answer positions (metrics/losses.py), length-bucketed batches that waste little
+on padding, a batch plan that is a pure function of the seed (so `--resume` reproduces an
 uninterrupted run exactly), and artifacts swapped in atomically. PEFT still builds and saves the
 adapter; transformers still provides the model and the LR schedules.
 
-Outputs: the adapter in `train.output_dir` (lora/), `training_args.json` beside it,
-`train.log_file` (experiments/training_logs.txt), a loss-curve PNG, and checkpoints under
+`setup(cfg)` builds a `TrainState` (model, data, batch plan, optimizer, resumed step, log) that
+benchmarks and tests can use on their own; `loop(state)` runs the optimizer steps; `finish(state,
+outcome)` saves. `train(cfg)` is the three in a row.
+
+Outputs: the adapter in `train.output_dir` (lora/), `training_args.json` beside it, under
+`train.results_dir` (experiments/) training_logs.txt and plots/loss_curve.png, and checkpoints under
 `train.run_dir/checkpoints/` from which `--resume` continues a killed run.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import platform
-import random
-import resource
 import shutil
-import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-
-from loralab.util import atomic_io
+from tqdm.auto import tqdm
 
 from loralab.adapters import methods as peft_methods
-from loralab.config import Config
+from loralab.adapters.methods import Method, get_method
+from loralab.config import Config, TrainConfig
+from loralab.data.chat import EncodedExample, collate, ensure_chat_template
 from loralab.data.prepare import load_split
-from loralab.training.distributed import DataParallel
-from loralab.training.distributed import setup as setup_data_parallel
-from loralab.util.errors import LoralabError
-from loralab.data.chat import EncodedExample, collate, encode_chat, ensure_chat_template
 from loralab.metrics.losses import answer_nll_fast, answer_nll_plain
 from loralab.model_utils import (
     attach_lora,
@@ -50,58 +45,29 @@ from loralab.model_utils import (
     save_adapter,
     save_full_model,
 )
+from loralab.training.batching import BUCKET_FACTOR, BatchPlan, encode_rows, plan_batches, steps_per_epoch
+from loralab.training.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    restore_checkpoint,
+    resume_fingerprint,
+    save_checkpoint,
+)
+from loralab.training.distributed import DataParallel
+from loralab.training.distributed import setup as setup_data_parallel
+from loralab.training.eval_loss import answer_loss_sums, mean_answer_loss
+from loralab.training.log import TrainLog, peak_rss_mb, plot_losses
+from loralab.training.numerics import hold_frozen_weights_in, resolve_frozen_dtype
+from loralab.training.stop import StopRequest
+from loralab.util.errors import LoralabError
 
-BUCKET_FACTOR = 32  # micro-batches per length-sorted pool: low padding, still well shuffled
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
-
-
-def encode_rows(tokenizer, rows: list[dict], max_length: int, warn: bool = True) -> list[EncodedExample]:
-    encoded = [encode_chat(tokenizer, row["messages"], max_length) for row in rows]
-    dropped = sum(e is None for e in encoded)
-    if dropped and warn:
-        print(f"warning: {dropped} of {len(rows)} examples do not fit in train.max_length={max_length} with their "
-              f"whole final answer and were left out (raise train.max_length to keep them)", file=sys.stderr)
-    return [e for e in encoded if e is not None]
-
-
-def plan_batches(
-    lengths: list[int], batch_size: int, accumulation: int, total_steps: int, seed: int, bucket_factor: int = BUCKET_FACTOR
-) -> list[list[list[int]]]:
-    """Optimizer steps -> micro-batches -> example indices; a pure function of its arguments.
-
-    Each epoch is a seeded permutation cut into pools of `bucket_factor` micro-batches; a pool is
-    sorted by length and cut into micro-batches whose order is then shuffled, so examples of
-    similar length share a batch (little padding) without a length-ordered curriculum.
-    bucket_factor=1 gives plain random batches.
-    """
-    steps: list[list[list[int]]] = []
-    epoch = 0
-    while len(steps) < total_steps:
-        rng = random.Random(seed * 100_003 + epoch)
-        order = list(range(len(lengths)))
-        rng.shuffle(order)
-        micro: list[list[int]] = []
-        pool = batch_size * bucket_factor
-        for start in range(0, len(order), pool):
-            chunk = sorted(order[start : start + pool], key=lambda i: lengths[i])
-            micro += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-        rng.shuffle(micro)
-        if len(micro) < accumulation:
-            raise LoralabError(
-                f"{len(lengths)} training examples make {len(micro)} micro-batches of {batch_size}, fewer than "
-                f"train.gradient_accumulation={accumulation}: lower one of them"
-            )
-        for start in range(0, len(micro) - accumulation + 1, accumulation):
-            steps.append(micro[start : start + accumulation])
-        epoch += 1
-    return steps[:total_steps]
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
-    return max(1, math.ceil(n_examples / batch_size) // accumulation)
+# Re-exported while callers move to the modules above (training/batching, log, checkpoint, numerics, eval_loss, stop).
+__all__ = [
+    "BUCKET_FACTOR", "StopRequest", "TrainLog", "TrainResult", "TrainState", "LoopOutcome", "answer_loss_sums",
+    "encode_rows", "finish", "hold_frozen_weights_in", "load_latest_checkpoint", "loop", "mean_answer_loss",
+    "peak_rss_mb", "plan_batches", "plot_losses", "resolve_frozen_dtype", "resume_fingerprint", "save_checkpoint",
+    "setup", "steps_per_epoch", "train",
+]
 
 
 @dataclass
@@ -114,193 +80,49 @@ class TrainResult:
     interrupted: bool
 
 
-class TrainLog:
-    """Human-readable table (experiments/training_logs.txt) plus JSONL for plots; flushed per line
-    so a killed run keeps every finished step."""
+@dataclass
+class TrainState:
+    """Everything the loop needs, built once by `setup()`; the loop changes only the model,
+    optimizer and scheduler inside it (and appends to the log)."""
 
-    COLUMNS = ("step", "epoch", "loss", "eval_loss", "lr", "tokens_per_s", "peak_rss_mb", "elapsed_s")
+    cfg: Config
+    method: Method
+    dp: DataParallel
+    amp_dtype: torch.dtype | None  # autocast dtype; None: fp32
+    frozen_dtype: torch.dtype  # what the frozen base weights are held in
+    model: torch.nn.Module  # the PEFT-wrapped model (or the plain model for whole-model methods)
+    tokenizer: object
+    base_name: str  # the base model's name as written into adapter configs
+    base_local_dir: Path
+    train_examples: list[EncodedExample]
+    eval_examples: list[EncodedExample]
+    plan: BatchPlan  # step -> micro-batches (all ranks') -> indices into train_examples
+    total_steps: int
+    steps_per_epoch: int
+    answer_nll: Callable  # (model, batch) -> (summed answer NLL, answer tokens)
+    trainable_params: list[torch.nn.Parameter]
+    n_trainable: int
+    n_total: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    run_dir: Path
+    initial_adapter: Path | None  # PiSSA/OLoRA's adapter as initialised (needed to convert it on save)
+    start_step: int  # optimizer steps already in the weights (from a checkpoint)
+    fingerprint: dict  # what a checkpoint of this run is valid for
+    log: TrainLog | None  # the main rank's log; None on the others
+    quiet: bool
 
-    def __init__(self, text_path: Path, jsonl_path: Path, resume_from: int):
-        self.text_path, self.jsonl_path = text_path, jsonl_path
-        text_path.parent.mkdir(parents=True, exist_ok=True)
-        jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_from and jsonl_path.exists():  # keep what the checkpoint covers, drop the rest
-            kept = [l for l in jsonl_path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_from]
-            atomic_io.write_text(jsonl_path, "".join(l + "\n" for l in kept))
-            self._append(self.text_path, f"# resumed from checkpoint at step {resume_from}\n")
-        else:
-            atomic_io.write_text(jsonl_path, "")
-            header = "\t".join(f"{c:>12}" for c in self.COLUMNS)
-            atomic_io.write_text(text_path, f"# loralab training log, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n{header}\n")
-
-    @staticmethod
-    def _append(path: Path, line: str) -> None:
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(line)
-            handle.flush()
-
-    def write(self, entry: dict) -> None:
-        self._append(self.jsonl_path, json.dumps(entry) + "\n")
-        cells = []
-        for column in self.COLUMNS:
-            value = entry.get(column)
-            cells.append(f"{'-':>12}" if value is None else f"{value:>12.6g}" if isinstance(value, float) else f"{value:>12}")
-        self._append(self.text_path, "\t".join(cells) + "\n")
-
-    def entries(self) -> list[dict]:
-        return [json.loads(l) for l in self.jsonl_path.read_text().splitlines() if l]
-
-
-def plot_losses(entries: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(e["step"], e["loss"]) for e in entries if e.get("loss") is not None]
-    evals = [(e["step"], e["eval_loss"]) for e in entries if e.get("eval_loss") is not None]
-    if train:
-        ax.plot(*zip(*train), label="train loss (answer tokens)", alpha=0.6)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss (answer tokens)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("LoRA fine-tuning loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_io.save_figure(fig, path)
-    plt.close(fig)
+    @property
+    def device(self) -> torch.device:
+        return self.dp.device
 
 
-@torch.no_grad()
-def answer_loss_sums(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> tuple[float, int]:
-    """(summed answer-token NLL, answer tokens): sums, so data-parallel ranks can add theirs."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(device, amp_dtype):
-            nll, n = answer_nll_fast(model, batch)
-        total += float(nll)
-        count += n
-    model.train(was_training)
-    return total, count
-
-
-def mean_answer_loss(model, examples: list[EncodedExample], pad_id: int, batch_size: int, device, amp_dtype) -> float:
-    total, count = answer_loss_sums(model, examples, pad_id, batch_size, device, amp_dtype)
-    return total / max(count, 1)
-
-
-def hold_frozen_weights_in(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Store the frozen base weights in `dtype` (bf16 halves their memory, and autocast no longer
-    re-casts every fp32 weight on every forward); the trainable adapter stays fp32."""
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(dtype)
-
-
-def resolve_frozen_dtype(setting: str, amp_dtype: torch.dtype | None) -> torch.dtype:
-    if setting == "auto":
-        return amp_dtype if amp_dtype == torch.bfloat16 else torch.float32
-    if setting == "bf16" and amp_dtype != torch.bfloat16:  # fp32 activations cannot meet bf16 weights
-        raise LoralabError("model.frozen_dtype=bf16 needs bf16 autocast: set model.precision=bf16 (or auto on a bf16 CPU/GPU)")
-    if setting in ("bf16", "fp32"):
-        return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
-    raise LoralabError(f"model.frozen_dtype={setting!r}: expected auto, bf16 or fp32")
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step-*[0-9]"))
-
-
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, keep: int, fingerprint: dict, dp: DataParallel,
-                    settings) -> None:
-    """Saved between steps: the torch RNG of every rank is then exactly as step `step + 1` will find
-    it, so LoRA dropout after a resume draws the masks an uninterrupted run would have drawn.
-    Called on every rank (they exchange RNG states); only the main rank writes."""
-    rng_per_rank = dp.gather(torch.get_rng_state())
-    cuda_rng_per_rank = dp.gather(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    if not dp.is_main:
-        return
-    with atomic_io.staged_dir(run_dir / "checkpoints" / f"step-{step:07d}") as staged:
-        torch.save(
-            {
-                "step": step,
-                "adapter": peft_methods.trainable_state(model, settings),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng_per_rank": rng_per_rank,
-                "fingerprint": fingerprint,
-                "cuda_rng_per_rank": cuda_rng_per_rank,
-            },
-            staged / "state.pt",
-        )
-    for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_latest_checkpoint(run_dir: Path) -> dict | None:
-    for path in reversed(_checkpoints(run_dir)):
-        try:
-            return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-        except Exception:  # noqa: BLE001 - an unreadable checkpoint: fall back to the one before
-            print(f"warning: skipping unreadable checkpoint {path}", file=sys.stderr)
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# The loop
-# --------------------------------------------------------------------------------------------
-
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary, where it checkpoints
-    exactly the state after the last finished step (an optimizer step cut in half could not be
-    resumed faithfully). A second Ctrl-C stops at once; the last periodic checkpoint remains."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop now) ...", file=sys.stderr)
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def resume_fingerprint(cfg: Config, world_size: int) -> dict:
-    """The settings a checkpoint is only valid for: resuming with others would be silently wrong."""
-    t = cfg.train
-    return {
-        "world_size": world_size,  # batch_size is per process: another world size is another batch plan
-        "length_bucketing": t.length_bucketing,
-        "model": cfg.model.name_or_path,
-        "numerics": {k: getattr(cfg.model, k) for k in ("precision", "frozen_dtype", "quantize_base")},
-        "lora": dataclasses.asdict(cfg.lora),
-        "train": {k: getattr(t, k) for k in ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size",
-                                              "gradient_accumulation", "epochs", "max_steps", "max_length", "seed")},
-        "data": cfg.data.out_dir,
-    }
+@dataclass
+class LoopOutcome:
+    completed: int  # optimizer steps whose update is in the weights
+    last_loss: float | None
+    last_eval: float | None
+    wall_seconds: float
 
 
 def train(
@@ -315,220 +137,313 @@ def train(
     `on_eval(step, total_steps, eval_loss)` is called after every intermediate evaluation; the
     hyperparameter search uses it to prune a bad trial by raising (the exception propagates).
     """
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    state = setup(cfg, resume=resume, quiet=quiet)
+    outcome = loop(state, stop_at_step=stop_at_step, on_eval=on_eval)
+    return finish(state, outcome)
 
+
+# --------------------------------------------------------------------------------------------
+# setup
+# --------------------------------------------------------------------------------------------
+
+def setup(cfg: Config, resume: bool = False, quiet: bool = False) -> TrainState:
+    """Validate, load the model and data, plan the batches, build the optimizer and, with `resume`,
+    restore the latest checkpoint. The order of the seeded steps is what makes resume exact."""
     t = cfg.train
-    if t.batch_size < 1 or t.gradient_accumulation < 1:
-        raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
-    if t.learning_rate <= 0:
-        raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
+    _check_train_settings(t)
     peft_methods.validate(cfg.lora, cfg.model.quantize_base)
+    method = get_method(cfg.lora.method)
     train_rows = load_split(cfg.data.out_dir, "train")
     eval_rows = load_split(cfg.data.out_dir, "eval")
 
     dp = setup_data_parallel(resolve_device(cfg.model.device))
-    device = dp.device
-    quiet = quiet or not dp.is_main
-    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, dp.device)
     frozen_dtype = resolve_frozen_dtype(cfg.model.frozen_dtype, amp_dtype)
     with dp.main_first():  # the first load may convert the bundled GGUF into the shared cache
-        loaded = load_base_model(cfg.model, device)
-    tokenizer = loaded.tokenizer
-    ensure_chat_template(tokenizer)
-    train_examples = encode_rows(tokenizer, train_rows, t.max_length, warn=dp.is_main)
-    eval_examples = encode_rows(tokenizer, eval_rows[: t.eval_examples or None], t.max_length, warn=dp.is_main)
+        loaded = load_base_model(cfg.model, dp.device)
+    ensure_chat_template(loaded.tokenizer)
+    train_examples = encode_rows(loaded.tokenizer, train_rows, t.max_length, warn=dp.is_main)
+    eval_examples = encode_rows(loaded.tokenizer, eval_rows[: t.eval_examples or None], t.max_length, warn=dp.is_main)
     if not train_examples:
         raise LoralabError(f"no training example fits in train.max_length={t.max_length}")
 
     global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
     per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
-    torch.manual_seed(t.seed)  # the same adapter initialisation on every rank
-    model = attach_lora(loaded.model, cfg.lora, total_steps)
-    hold_frozen_weights_in(model, frozen_dtype)
-    if dp.active:  # from here on the RNG only draws dropout masks: different on each rank, as across examples
-        torch.manual_seed(t.seed * 1_000_003 + dp.rank)
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # lora.method=full has no wrapper
-    if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.compile:
-        getattr(lm, lm.base_model_prefix).compile(dynamic=True)
-    answer_nll = answer_nll_fast if t.answer_only_logits else answer_nll_plain
-    model.train()
-    trainable_params = [p for p in model.parameters() if p.requires_grad]
-    trainable, total_params = count_parameters(model)
-
+    model = _prepare_model(loaded.model, cfg, dp, total_steps, frozen_dtype)
     plan = plan_batches([len(e.input_ids) for e in train_examples], global_batch, t.gradient_accumulation, total_steps,
                         t.seed, bucket_factor=BUCKET_FACTOR if t.length_bucketing else 1)
-    optimizer = peft_methods.make_optimizer(model, cfg.lora, t.learning_rate, t.weight_decay)
-    try:
-        scheduler = get_scheduler(
-            t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps), num_training_steps=total_steps
-        )
-    except ValueError as exc:
-        raise LoralabError(f"train.lr_scheduler={t.lr_scheduler!r}: {exc}") from None
+    optimizer, scheduler = _make_optimizer(model, cfg, total_steps)
 
     run_dir = Path(t.run_dir)
     # PiSSA/OLoRA: the adapter as initialised, before any checkpoint overwrites it (the conversion on save needs it).
-    initial_adapter = peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter") if dp.is_main else None
-    start_step = 0
-    if resume and cfg.lora.method == "adalora" and _checkpoints(run_dir):
-        # AdaLoRA's rank allocator keeps running importance scores that PEFT cannot save, so a resumed
-        # run would allocate ranks differently from an uninterrupted one: start again instead.
+    initial_adapter = (peft_methods.save_initial_adapter(model, cfg.lora, run_dir / "initial_adapter")
+                       if dp.is_main else None)
+    start_step = _resume_or_start_fresh(cfg, method, dp, model, optimizer, scheduler, resume)
+    n_trainable, n_total = count_parameters(model)
+    state = TrainState(
+        cfg=cfg, method=method, dp=dp, amp_dtype=amp_dtype, frozen_dtype=frozen_dtype, model=model,
+        tokenizer=loaded.tokenizer, base_name=loaded.base_name, base_local_dir=loaded.local_dir,
+        train_examples=train_examples, eval_examples=eval_examples, plan=plan, total_steps=total_steps,
+        steps_per_epoch=per_epoch, answer_nll=answer_nll_fast if t.answer_only_logits else answer_nll_plain,
+        trainable_params=[p for p in model.parameters() if p.requires_grad], n_trainable=n_trainable, n_total=n_total,
+        optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, initial_adapter=initial_adapter,
+        start_step=start_step, fingerprint=resume_fingerprint(cfg, dp.world_size),
+        log=TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None,
+        quiet=quiet or not dp.is_main,
+    )
+    if not state.quiet:
+        print(_describe(state), flush=True)
+    return state
+
+
+def _check_train_settings(t: TrainConfig) -> None:
+    if t.batch_size < 1 or t.gradient_accumulation < 1:
+        raise LoralabError("train.batch_size and train.gradient_accumulation must be at least 1")
+    if t.learning_rate <= 0:
+        raise LoralabError(f"train.learning_rate={t.learning_rate}: must be positive")
+
+
+def _prepare_model(base: torch.nn.Module, cfg: Config, dp: DataParallel, total_steps: int,
+                   frozen_dtype: torch.dtype) -> torch.nn.Module:
+    """Attach the method's trainable weights and set the model up for training."""
+    torch.manual_seed(cfg.train.seed)  # the same adapter initialisation on every rank
+    model = attach_lora(base, cfg.lora, total_steps)
+    hold_frozen_weights_in(model, frozen_dtype)
+    if dp.active:  # from here on the RNG only draws dropout masks: different on each rank, as across examples
+        torch.manual_seed(cfg.train.seed * 1_000_003 + dp.rank)
+    # Whole-model methods (lora.method=full) have no PEFT wrapper.
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.train.compile:
+        getattr(lm, lm.base_model_prefix).compile(dynamic=True)
+    model.train()
+    return model
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    t = cfg.train
+    optimizer = peft_methods.make_optimizer(model, cfg.lora, t.learning_rate, t.weight_decay)
+    try:
+        scheduler = get_scheduler(
+            t.lr_scheduler, optimizer, num_warmup_steps=round(t.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+    except ValueError as exc:
+        raise LoralabError(f"train.lr_scheduler={t.lr_scheduler!r}: {exc}") from None
+    return optimizer, scheduler
+
+
+def _resume_or_start_fresh(
+    cfg: Config, method: Method, dp: DataParallel, model, optimizer, scheduler, resume: bool
+) -> int:
+    """The step to start from: a checkpoint's with `resume`, else 0 (and stale checkpoints go)."""
+    run_dir = Path(cfg.train.run_dir)
+    if resume and not method.exact_resume and list_checkpoints(run_dir):
+        # e.g. AdaLoRA's rank allocator keeps running importance scores that PEFT cannot save, so a
+        # resumed run would differ from an uninterrupted one: start again instead.
         if dp.is_main:
-            print("lora.method=adalora cannot resume exactly (its rank allocator state is not checkpointed): "
+            print(f"lora.method={method.name} cannot resume exactly (PEFT cannot checkpoint all of its state): "
                   "training again from step 0", file=sys.stderr)
         resume = False
+    start_step = 0
     if resume:
-        state = dp.broadcast(load_latest_checkpoint(run_dir) if dp.is_main else None)  # one reader, even across nodes
-        if state is None and run_dir.exists() and dp.is_main:
+        # One reader, even across nodes: the main rank's disk holds the checkpoints.
+        saved = dp.broadcast(load_latest_checkpoint(run_dir) if dp.is_main else None)
+        if saved is None and run_dir.exists() and dp.is_main:
             print(f"no checkpoint under {run_dir}/checkpoints: starting from step 0", file=sys.stderr)
-        elif state is not None:
-            if state.get("fingerprint") != resume_fingerprint(cfg, dp.world_size):
+        elif saved is not None:
+            if saved.get("fingerprint") != resume_fingerprint(cfg, dp.world_size):
                 raise LoralabError(
                     f"the checkpoint in {run_dir}/checkpoints was made with other settings; resume with the same "
                     f"config, or train without --resume (or with another train.run_dir) to start fresh"
                 )
-            peft_methods.load_trainable_state(model, cfg.lora, state["adapter"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng_per_rank"][dp.rank])
-            if state["cuda_rng_per_rank"][dp.rank] is not None:
-                torch.cuda.set_rng_state_all(state["cuda_rng_per_rank"][dp.rank])
-            start_step = state["step"]
-    elif _checkpoints(run_dir) and dp.is_main:
+            start_step = restore_checkpoint(saved, model, optimizer, scheduler, dp, cfg.lora)
+    elif list_checkpoints(run_dir) and dp.is_main:
         shutil.rmtree(run_dir / "checkpoints")  # a fresh run must not resume stale state later
     dp.barrier()
-    log = TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None
+    return start_step
 
-    pad_id = tokenizer.pad_token_id
-    if not quiet:
-        print(
-            f"training {trainable:,} parameters with {peft_methods.METHODS[cfg.lora.method]} ({100 * trainable / total_params:.2f}% of {total_params:,}) "
-            f"on {len(train_examples)} examples, {total_steps} steps, device={device.type}, "
-            f"autocast={amp_dtype or 'fp32'}, frozen weights {str(frozen_dtype).removeprefix('torch.')}"
-            + (f", {dp.world_size} data-parallel processes" if dp.active else "")
-            + (f", resuming at step {start_step}" if start_step else ""),
-            flush=True,
-        )
-    started = time.perf_counter()
-    previous = [e for e in log.entries() if e["step"] <= start_step] if log else []
+
+def _describe(state: TrainState) -> str:
+    dp = state.dp
+    return (
+        f"training {state.n_trainable:,} parameters with {state.method.description} "
+        f"({100 * state.n_trainable / state.n_total:.2f}% of {state.n_total:,}) "
+        f"on {len(state.train_examples)} examples, {state.total_steps} steps, device={state.device.type}, "
+        f"autocast={state.amp_dtype or 'fp32'}, frozen weights {str(state.frozen_dtype).removeprefix('torch.')}"
+        + (f", {dp.world_size} data-parallel processes" if dp.active else "")
+        + (f", resuming at step {state.start_step}" if state.start_step else "")
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# loop
+# --------------------------------------------------------------------------------------------
+
+def loop(
+    state: TrainState, stop_at_step: int | None = None, on_eval: Callable[[int, int, float], None] | None = None
+) -> LoopOutcome:
+    """Optimizer steps from `state.start_step + 1` to the end, or until a stop is requested (Ctrl-C,
+    SIGTERM, `stop_at_step`); logs every step, evaluates and checkpoints on schedule."""
+    t, dp = state.cfg.train, state.dp
+    previous = [e for e in state.log.entries() if e["step"] <= state.start_step] if state.log else []
     last_loss = previous[-1]["loss"] if previous else None
     last_eval = next((e["eval_loss"] for e in reversed(previous) if e["eval_loss"] is not None), None)
-    fingerprint = resume_fingerprint(cfg, dp.world_size)
-    completed = start_step  # optimizer steps whose update is in the weights
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=quiet, dynamic_ncols=True)
+    completed = state.start_step
+    started = time.perf_counter()
+    bar = tqdm(total=state.total_steps, initial=state.start_step, desc="train", unit="step", disable=state.quiet,
+               dynamic_ncols=True)
     with StopRequest() as stop:
-        for step in range(start_step + 1, total_steps + 1):
+        for step in range(state.start_step + 1, state.total_steps + 1):
             if dp.any(stop.requested or (stop_at_step is not None and step > stop_at_step)):
-                break
+                break  # every rank stops at the same step
             step_started = time.perf_counter()
-            micro_batches = [[train_examples[i] for i in mb] for mb in plan[step - 1]]  # all ranks' examples
-            n_answer = sum(e.n_label_tokens for mb in micro_batches for e in mb)
-            n_tokens = sum(len(e.input_ids) for mb in micro_batches for e in mb)
-            loss_sum = 0.0
-            for examples in map(dp.shard, micro_batches):
-                if not examples:
-                    continue
-                batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-                with autocast(device, amp_dtype):
-                    nll, _ = answer_nll(model, batch)
-                # Token-weighted over the whole optimizer step (all micro-batches, all ranks): summed
-                # over ranks below, this is the gradient one process would get at the same global batch.
-                (nll / n_answer).backward()
-                loss_sum += nll.item()
-            penalty = peft_methods.regularization(model, cfg.lora)
-            if penalty is not None:  # once per optimizer step, as a 1/world_size share on each rank
-                (penalty / dp.world_size).backward()
-            dp.sum_gradients(trainable_params)
-            (loss_sum,) = dp.sum_floats([loss_sum])
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trainable_params, t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            peft_methods.after_optimizer_step(model, cfg.lora, step)
-            optimizer.zero_grad(set_to_none=True)
+            last_loss, n_tokens = train_step(state, step)
             completed = step
-
-            last_loss = loss_sum / n_answer
             entry = {
                 "step": step,
-                "epoch": round(step / per_epoch, 3),
+                "epoch": round(step / state.steps_per_epoch, 3),
                 "loss": round(last_loss, 5),
                 "eval_loss": None,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": state.scheduler.get_last_lr()[0],
                 "tokens_per_s": round(n_tokens / (time.perf_counter() - step_started), 1),
                 "peak_rss_mb": round(peak_rss_mb(), 1),
                 "elapsed_s": round(time.perf_counter() - started, 1),
             }
-            if eval_examples and t.eval_every > 0 and (step % t.eval_every == 0 or step == total_steps):
-                eval_sum, eval_count = dp.sum_floats(list(answer_loss_sums(model, dp.shard(eval_examples), pad_id, t.batch_size, device, amp_dtype)))
-                last_eval = eval_sum / max(eval_count, 1)
+            if state.eval_examples and t.eval_every > 0 and (step % t.eval_every == 0 or step == state.total_steps):
+                last_eval = eval_loss(state)
                 entry["eval_loss"] = round(last_eval, 5)
-            if log:
-                log.write(entry)
+            if state.log:
+                state.log.write(entry)
             if on_eval is not None and entry["eval_loss"] is not None:
-                on_eval(step, total_steps, last_eval)
-            bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-", tok_s=entry["tokens_per_s"])
+                on_eval(step, state.total_steps, last_eval)
+            bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-",
+                            tok_s=entry["tokens_per_s"])
             bar.update(1)
-            if t.save_every > 0 and step % t.save_every == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
-    if completed < total_steps:
-        bar.close()
-        if completed > start_step:
-            save_checkpoint(run_dir, completed, model, optimizer, scheduler, t.keep_checkpoints, fingerprint, dp, cfg.lora)
-        if dp.is_main:
-            print(f"interrupted after step {completed}/{total_steps}; continue with --resume", file=sys.stderr)
-        dp.barrier()
-        return TrainResult(None, completed, total_steps, last_loss, last_eval, interrupted=True)
+            if t.save_every > 0 and step % t.save_every == 0 and step < state.total_steps:
+                _checkpoint(state, step)
     bar.close()
+    return LoopOutcome(completed, last_loss, last_eval, wall_seconds=time.perf_counter() - started)
 
-    wall = time.perf_counter() - started
+
+def train_step(state: TrainState, step: int) -> tuple[float, int]:
+    """One optimizer step (1-based) of the batch plan, on every rank: (mean answer-token loss, tokens)."""
+    dp, model = state.dp, state.model
+    micro_batches = [[state.train_examples[i] for i in mb] for mb in state.plan[step - 1]]  # all ranks' examples
+    n_answer = sum(e.n_label_tokens for mb in micro_batches for e in mb)
+    n_tokens = sum(len(e.input_ids) for mb in micro_batches for e in mb)
+    loss_sum = 0.0
+    for examples in map(dp.shard, micro_batches):
+        if not examples:
+            continue
+        batch = {k: v.to(state.device) for k, v in collate(examples, state.tokenizer.pad_token_id).items()}
+        with autocast(state.device, state.amp_dtype):
+            nll, _ = state.answer_nll(model, batch)
+        # Token-weighted over the whole optimizer step (all micro-batches, all ranks): summed
+        # over ranks below, this is the gradient one process would get at the same global batch.
+        (nll / n_answer).backward()
+        loss_sum += nll.item()
+    penalty = peft_methods.regularization(model, state.cfg.lora)
+    if penalty is not None:  # once per optimizer step, as a 1/world_size share on each rank
+        (penalty / dp.world_size).backward()
+    dp.sum_gradients(state.trainable_params)
+    (loss_sum,) = dp.sum_floats([loss_sum])
+    if state.cfg.train.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(state.trainable_params, state.cfg.train.max_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    peft_methods.after_optimizer_step(model, state.cfg.lora, step)
+    state.optimizer.zero_grad(set_to_none=True)
+    return loss_sum / n_answer, n_tokens
+
+
+def eval_loss(state: TrainState) -> float:
+    """Mean answer-token loss on the eval examples, each rank taking its share."""
+    sums = answer_loss_sums(state.model, state.dp.shard(state.eval_examples), state.tokenizer.pad_token_id,
+                            state.cfg.train.batch_size, state.device, state.amp_dtype)
+    total, count = state.dp.sum_floats(list(sums))
+    return total / max(count, 1)
+
+
+def _checkpoint(state: TrainState, step: int) -> None:
+    t = state.cfg.train
+    save_checkpoint(state.run_dir, step, state.model, state.optimizer, state.scheduler, t.keep_checkpoints,
+                    state.fingerprint, state.dp, state.cfg.lora)
+
+
+# --------------------------------------------------------------------------------------------
+# finish
+# --------------------------------------------------------------------------------------------
+
+def finish(state: TrainState, outcome: LoopOutcome) -> TrainResult:
+    """An interrupted run leaves a checkpoint to resume from; a finished one saves the adapter (or
+    the whole model), training_args.json and the loss plot, then drops its checkpoints."""
+    t, dp = state.cfg.train, state.dp
+    if outcome.completed < state.total_steps:
+        if outcome.completed > state.start_step:
+            _checkpoint(state, outcome.completed)
+        if dp.is_main:
+            print(f"interrupted after step {outcome.completed}/{state.total_steps}; continue with --resume",
+                  file=sys.stderr)
+        dp.barrier()
+        return TrainResult(None, outcome.completed, state.total_steps, outcome.last_loss, outcome.last_eval,
+                           interrupted=True)
+    result = TrainResult(Path(t.output_dir), state.total_steps, state.total_steps, outcome.last_loss, outcome.last_eval,
+                         interrupted=False)
     if not dp.is_main:  # the main rank alone writes the adapter, once
         dp.barrier()
-        return TrainResult(Path(t.output_dir), total_steps, total_steps, last_loss, last_eval, interrupted=False)
-    entries = log.entries()
-    training_args = {
-        "config": cfg.to_dict(),
-        "base_model": loaded.base_name,
-        "base_model_local_dir": str(loaded.local_dir),
-        "trainable_parameters": trainable,
-        "total_parameters": total_params,
-        "train_examples": len(train_examples),
-        "eval_examples_for_loss": len(eval_examples),
-        "total_steps": total_steps,
-        "resumed_from_step": start_step or None,
-        "final_train_loss": last_loss,
-        "final_eval_loss": last_eval,
-        "train_wall_seconds_this_process": round(wall, 1),
-        "mean_tokens_per_s": round(sum(e["tokens_per_s"] for e in entries) / max(len(entries), 1), 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "device": device.type,
-        "data_parallel_processes": dp.world_size,
-        "autocast": str(amp_dtype) if amp_dtype else "fp32",
-        "frozen_weights_dtype": str(frozen_dtype),
-        "versions": _versions(),
-    }
-    if cfg.lora.method == "full":
-        save_full_model(model, tokenizer, t.output_dir, extra_json={"training_args.json": training_args})
+        return result
+    entries = state.log.entries()
+    extra_json = {"training_args.json": training_args(state, outcome, entries)}
+    if state.method.whole_model:
+        save_full_model(state.model, state.tokenizer, t.output_dir, extra_json=extra_json)
     else:
-        save_adapter(model, t.output_dir, loaded.base_name, extra_json={"training_args.json": training_args},
-                     initial_adapter=initial_adapter)
+        save_adapter(state.model, t.output_dir, state.base_name, extra_json=extra_json,
+                     initial_adapter=state.initial_adapter)
     if t.loss_plot:
         plot_losses(entries, Path(t.loss_plot))
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
-    shutil.rmtree(run_dir / "initial_adapter", ignore_errors=True)
+    shutil.rmtree(state.run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
+    shutil.rmtree(state.run_dir / "initial_adapter", ignore_errors=True)
     dp.barrier()
-    if not quiet:
-        eval_text = f"{last_eval:.4f}" if last_eval is not None else "-"
-        print(f"saved adapter to {t.output_dir}/ (train loss {last_loss:.4f}, eval loss {eval_text}) in {wall:.0f} s")
-    return TrainResult(Path(t.output_dir), total_steps, total_steps, last_loss, last_eval, interrupted=False)
+    if not state.quiet:
+        eval_text = f"{outcome.last_eval:.4f}" if outcome.last_eval is not None else "-"
+        print(f"saved adapter to {t.output_dir}/ (train loss {outcome.last_loss:.4f}, eval loss {eval_text}) "
+              f"in {outcome.wall_seconds:.0f} s")
+    return result
+
+
+def training_args(state: TrainState, outcome: LoopOutcome, entries: list[dict]) -> dict:
+    """training_args.json: the config and what the run did, saved beside the adapter."""
+    return {
+        "config": state.cfg.to_dict(),
+        "base_model": state.base_name,
+        "base_model_local_dir": str(state.base_local_dir),
+        "trainable_parameters": state.n_trainable,
+        "total_parameters": state.n_total,
+        "train_examples": len(state.train_examples),
+        "eval_examples_for_loss": len(state.eval_examples),
+        "total_steps": state.total_steps,
+        "resumed_from_step": state.start_step or None,
+        "final_train_loss": outcome.last_loss,
+        "final_eval_loss": outcome.last_eval,
+        "train_wall_seconds_this_process": round(outcome.wall_seconds, 1),
+        "mean_tokens_per_s": round(sum(e["tokens_per_s"] for e in entries) / max(len(entries), 1), 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "device": state.device.type,
+        "data_parallel_processes": state.dp.world_size,
+        "autocast": str(state.amp_dtype) if state.amp_dtype else "fp32",
+        "frozen_weights_dtype": str(state.frozen_dtype),
+        "versions": _versions(),
+    }
 
 
 def _versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}

@@ -37,7 +37,7 @@ class PeakRss:
             if self._done.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         self.peak_mb = current_rss_mb()
         self._thread.start()
         return self

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from loralab.config import LoraSettings
-from loralab.util.errors import LoralabError
-from loralab.data.prepare import load_split
-from loralab.training.recipe import encode_rows, mean_answer_loss, train
-from loralab.model_utils import is_full_model_dir, load_adapter, load_base_model
 from loralab.adapters.methods import METHODS, validate
+from loralab.config import LoraSettings
+from loralab.data.prepare import load_split
+from loralab.model_utils import is_full_model_dir, load_adapter, load_base_model
+from loralab.training.recipe import encode_rows, mean_answer_loss, train
+from loralab.util.errors import LoralabError
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -40,7 +40,9 @@ def test_each_method_trains_and_reloads(method, tiny_config):
     # What was saved is what was trained: the reloaded model gives the eval loss of the last training step.
     eval_rows = load_split(tiny_config.data.out_dir, "eval")[: tiny_config.train.eval_examples]
     examples = encode_rows(loaded.tokenizer, eval_rows, tiny_config.train.max_length)
-    reloaded_loss = mean_answer_loss(tuned, examples, loaded.tokenizer.pad_token_id, tiny_config.train.batch_size, torch.device("cpu"), None)
+    reloaded_loss = mean_answer_loss(
+        tuned, examples, loaded.tokenizer.pad_token_id, tiny_config.train.batch_size, torch.device("cpu"), None
+    )
     assert reloaded_loss == pytest.approx(result.final_eval_loss, rel=1e-4)
 
 
@@ -48,8 +50,8 @@ def test_each_method_trains_and_reloads(method, tiny_config):
 def test_pissa_and_olora_adapters_are_converted_for_the_untouched_base(method, tiny_config, tmp_path):
     """PiSSA/OLoRA train on a modified base; the saved adapter must reproduce the trained model on the
     original base (PEFT's conversion to a rank-2r LoRA), since that base is what users load."""
-    from loralab.model_utils import attach_lora, save_adapter
     from loralab.adapters.methods import save_initial_adapter
+    from loralab.model_utils import attach_lora, save_adapter
 
     settings = LoraSettings(method=method, r=4, alpha=8, dropout=0.0)
     model = attach_lora(load_base_model(tiny_config.model).model, settings)
@@ -121,7 +123,9 @@ def test_quantized_base_options_fail_clearly(monkeypatch, tiny_config):
     with pytest.raises(LoralabError, match="model.quantize_base='fp3'"):
         quantization_config("fp3")
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a)
+    )
     with pytest.raises(LoralabError, match="needs bitsandbytes, which is not installed"):
         quantization_config("nf4")
     with pytest.raises(LoralabError, match="pissa changes the base weights"):
@@ -175,8 +179,8 @@ def test_interrupted_run_of_a_method_resumes_to_the_same_adapter(method, tiny_co
 
 
 def test_loraplus_groups_carry_the_lr_ratio_and_weight_decay(tiny_config):
-    from loralab.model_utils import attach_lora
     from loralab.adapters.methods import make_optimizer
+    from loralab.model_utils import attach_lora
 
     settings = LoraSettings(method="loraplus", r=2, loraplus_lr_ratio=8.0)
     model = attach_lora(load_base_model(tiny_config.model).model, settings)
@@ -196,9 +200,8 @@ def test_full_fine_tuning_with_gradient_checkpointing(tiny_config):
 
 def test_run_names_separate_quantized_bases():
     """A sweep or compare must never reuse a plain run's results for the same run on a quantized base."""
-    from loralab.config import Config
-    from loralab.studies.space import settings_digest
+    from loralab.config import Config, run_digest
 
     plain, quantized = Config(), Config()
     quantized.model.quantize_base = "nf4"
-    assert settings_digest(plain) != settings_digest(quantized)
+    assert run_digest(plain) != run_digest(quantized)

@@ -2,7 +2,15 @@
 
 import torch
 
-from loralab.data.chat import IGNORE_INDEX, FALLBACK_CHAT_TEMPLATE, collate, encode_chat, ensure_chat_template, left_pad, prompt_ids
+from loralab.data.chat import (
+    FALLBACK_CHAT_TEMPLATE,
+    IGNORE_INDEX,
+    collate,
+    encode_chat,
+    ensure_chat_template,
+    left_pad,
+    prompt_ids,
+)
 
 QA = [{"role": "user", "content": "What does BID mean?"}, {"role": "assistant", "content": "twice a day"}]
 
@@ -35,7 +43,13 @@ def test_padding_is_masked_by_position_not_by_token_id(smol_tokenizer):
 
 
 def test_multi_turn_labels_every_assistant_turn(smol_tokenizer):
-    chat = [{"role": "system", "content": "Be brief."}, QA[0], QA[1], {"role": "user", "content": "And TID?"}, {"role": "assistant", "content": "three times a day"}]
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        QA[0],
+        QA[1],
+        {"role": "user", "content": "And TID?"},
+        {"role": "assistant", "content": "three times a day"},
+    ]
     example = encode_chat(smol_tokenizer, chat, 512)
     text = _labelled_text(smol_tokenizer, example)
     assert text == "twice a day<|im_end|>\nthree times a day<|im_end|>\n"

@@ -2,12 +2,13 @@ import json
 import os
 
 import pytest
-from helpers.data import QA_ROWS, write_jsonl
 
 from loralab.cli import main
 from loralab.config import DataConfig
 from loralab.data.prepare import clean_and_deduplicate, prepare_dataset, question_key, split_records
 from loralab.util.errors import LoralabError
+
+from helpers.data import QA_ROWS, write_jsonl
 
 OUTPUTS = ("raw_dataset.json", "processed_dataset.json", "train_split.json", "eval_split.json", "test_split.json")
 
@@ -46,7 +47,10 @@ def test_csv(tmp_path):
 
 
 def test_alpaca(tmp_path):
-    rows = [{"instruction": f"Explain item {i}", "input": "briefly" if i % 2 else "", "output": f"Item {i} explained"} for i in range(6)]
+    rows = [
+        {"instruction": f"Explain item {i}", "input": "briefly" if i % 2 else "", "output": f"Item {i} explained"}
+        for i in range(6)
+    ]
     path = tmp_path / "alpaca.json"
     path.write_text(json.dumps(rows))
     _, processed = _prepare(tmp_path, path)
@@ -56,8 +60,15 @@ def test_alpaca(tmp_path):
 
 def test_sharegpt_multi_turn(tmp_path):
     rows = [
-        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": f"Hi {i}"},
-                           {"from": "gpt", "value": f"Hello {i}"}, {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "Yes."}]}
+        {
+            "conversations": [
+                {"from": "system", "value": "Be brief."},
+                {"from": "human", "value": f"Hi {i}"},
+                {"from": "gpt", "value": f"Hello {i}"},
+                {"from": "human", "value": "Again?"},
+                {"from": "gpt", "value": "Yes."},
+            ]
+        }
         for i in range(5)
     ]
     path = write_jsonl(tmp_path / "sg.jsonl", rows)
@@ -74,13 +85,25 @@ def test_sharegpt_multi_turn(tmp_path):
         ("bad.json", '[\n  {"question": "a",\n   "answer": "b"},\n  {"question": }\n]', r"bad\.json:4: malformed JSON"),
         ("nofield.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c"}\n', r"nofield\.jsonl:2: missing answer field"),
         ("noq.jsonl", '{"answer": "b"}\n', r"noq\.jsonl:1: missing question field"),
-        ("nofield.json", '[\n  {"question": "a", "answer": "b"},\n\n  {"question": "c"}\n]', r"nofield\.json:4: missing answer field"),
-        ("empty_answer.jsonl", '{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": "  "}\n', r"empty_answer\.jsonl:3: empty answer"),
+        (
+            "nofield.json",
+            '[\n  {"question": "a", "answer": "b"},\n\n  {"question": "c"}\n]',
+            r"nofield\.json:4: missing answer field",
+        ),
+        (
+            "empty_answer.jsonl",
+            '{"question": "a", "answer": "b"}\n\n{"question": "c", "answer": "  "}\n',
+            r"empty_answer\.jsonl:3: empty answer",
+        ),
         ("empty.jsonl", "\n\n", r"empty\.jsonl: no usable rows"),
         ("empty_array.json", "[]", r"empty_array\.json: no usable rows"),
         ("row.csv", "question,answer\nq1,a1\nq2,\n", r"row\.csv:3: empty answer"),
         ("notobj.jsonl", '["a", "b"]\n', r"notobj\.jsonl:1: expected an object"),
-        ("sg.jsonl", '{"conversations": [{"from": "human", "value": "hi"}]}\n', r"sg\.jsonl:1: conversation has no assistant turn"),
+        (
+            "sg.jsonl",
+            '{"conversations": [{"from": "human", "value": "hi"}]}\n',
+            r"sg\.jsonl:1: conversation has no assistant turn",
+        ),
     ],
 )
 def test_bad_input_names_file_and_line(tmp_path, name, content, message):
@@ -124,9 +147,21 @@ def test_skip_invalid_drops_bad_rows_only(tmp_path, capsys):
 
 def test_cleaning_dedup_and_conflicts():
     def rec(q, a):
-        return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}], "task": "t", "source": "s", "license": "l", "id": q}
+        return {
+            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+            "task": "t",
+            "source": "s",
+            "license": "l",
+            "id": q,
+        }
 
-    records = [rec("What is  X?", "x"), rec("what is x?", "x"), rec("What is Y?", "y1"), rec("What is Y", "y2"), rec("Z?\r\n\n\n\nmore", " z\u0007 ")]
+    records = [
+        rec("What is  X?", "x"),
+        rec("what is x?", "x"),
+        rec("What is Y?", "y1"),
+        rec("What is Y", "y2"),
+        rec("Z?\r\n\n\n\nmore", " z\u0007 "),
+    ]
     kept, stats = clean_and_deduplicate(records)
     assert [r["messages"][0]["content"] for r in kept] == ["What is X?", "Z?\n\nmore"]
     assert kept[1]["messages"][1]["content"] == "z"
@@ -134,10 +169,17 @@ def test_cleaning_dedup_and_conflicts():
 
 
 def test_splits_are_group_disjoint_stratified_and_seeded():
-    records = [{"id": i, "task": f"t{i % 3}", "group": f"g{i // 2}", "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(300)]
+    records = [
+        {"id": i, "task": f"t{i % 3}", "group": f"g{i // 2}", "messages": [{"role": "user", "content": f"q{i}"}]}
+        for i in range(300)
+    ]
     splits = split_records(records, 0.1, 0.1, seed=1)
     groups = {name: {r["group"] for r in rows} for name, rows in splits.items()}
-    assert not (groups["train"] & groups["eval"]) and not (groups["train"] & groups["test"]) and not (groups["eval"] & groups["test"])
+    assert (
+        not (groups["train"] & groups["eval"])
+        and not (groups["train"] & groups["test"])
+        and not (groups["eval"] & groups["test"])
+    )
     assert sum(len(v) for v in splits.values()) == 300
     assert {r["task"] for r in splits["test"]} == {"t0", "t1", "t2"}
     again = split_records(records, 0.1, 0.1, seed=1)

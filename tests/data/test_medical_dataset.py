@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from loralab.config import DataConfig
-from loralab.data.prepare import prepare_dataset
 from loralab.data.medical import TASKS, _package_dir
+from loralab.data.prepare import prepare_dataset
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,17 @@ import json
 import pytest
 import torch
 
-from loralab.util.errors import LoralabError
 from loralab.deploy.export import VERIFY_PROMPTS, compare, export, next_token_logprobs
-from loralab.training.recipe import train
 from loralab.deploy.gguf import load_gguf, permute_qk, write_gguf
+from loralab.training.recipe import train
+from loralab.util.errors import LoralabError
 
 
 @pytest.fixture
 def trained(tiny_config, tmp_path):
     train(tiny_config, quiet=True)
     tiny_config.export.out_dir = str(tmp_path / "export")
-    tiny_config.export.report_md = str(tmp_path / "export_report.md")
-    tiny_config.export.report_json = str(tmp_path / "export_report.json")
+    tiny_config.export.results_dir = str(tmp_path)  # export_report.md and export_report.json
     return tiny_config
 
 
@@ -58,7 +57,8 @@ def test_gguf_round_trip_is_exact_in_f16_up_to_rounding(trained, tmp_path, tiny_
     back, back_tokenizer = load_gguf(path)
     for name, tensor in model.state_dict().items():  # Q/K permutation undone, every tensor where it was
         torch.testing.assert_close(back.state_dict()[name], tensor.half().float(), rtol=0, atol=0)
-    check = compare(next_token_logprobs(model, tokenizer, VERIFY_PROMPTS), next_token_logprobs(back, back_tokenizer, VERIFY_PROMPTS))
+    check = compare(next_token_logprobs(model, tokenizer, VERIFY_PROMPTS),
+                    next_token_logprobs(back, back_tokenizer, VERIFY_PROMPTS))
     assert check["top1_agreement"] == 1.0
 
 

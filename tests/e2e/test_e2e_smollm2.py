@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.data import outputs_under
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -13,6 +12,8 @@ from loralab.config import Config
 from loralab.data.prepare import prepare_dataset
 from loralab.metrics.evaluate import evaluate_model_pair
 from loralab.training.recipe import train
+
+from helpers.data import outputs_under
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +38,7 @@ def trained(tmp_path_factory, smol_dir):
 
 def test_a_few_steps_lower_the_eval_loss(trained):
     cfg, result = trained
-    log = [json.loads(l) for l in (Path(cfg.train.run_dir) / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(text) for text in (Path(cfg.train.run_dir) / "log.jsonl").read_text().splitlines()]
     evals = [e["eval_loss"] for e in log if e["eval_loss"] is not None]
     assert len(evals) == 2 and evals[-1] < evals[0]
     assert result.final_train_loss < log[0]["loss"]

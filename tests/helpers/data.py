@@ -8,7 +8,8 @@ from pathlib import Path
 from loralab.config import Config
 
 QA_ROWS = [
-    {"question": f"What does the code X{i:02d} mean?", "answer": f"Condition number {i} of the tiny test set", "task": "t1" if i % 2 else "t2"}
+    {"question": f"What does the code X{i:02d} mean?", "answer": f"Condition number {i} of the tiny test set",
+     "task": "t1" if i % 2 else "t2"}
     for i in range(40)
 ]
 
@@ -19,13 +20,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def outputs_under(cfg: Config, root: Path) -> Config:
-    """Point every file a run writes at `root`, so tests never touch the committed results."""
+    """Point every file a run writes at `root`, so tests never touch the committed results: each
+    section's output root (its file names are derived from it, see config.py)."""
     cfg.data.out_dir = str(root / "data")
     cfg.train.run_dir = str(root / "run")
     cfg.train.output_dir = str(root / "lora")
-    cfg.train.log_file = str(root / "training_logs.txt")
-    cfg.train.loss_plot = str(root / "loss.png")
-    cfg.eval.results_json = str(root / "eval.json")
-    cfg.eval.report_md = str(root / "report.md")
-    cfg.eval.plots_dir = str(root / "plots")
+    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains):
+        section.results_dir = str(root)
+    cfg.tune.runs_dir = str(root / "tune")
+    cfg.tune.storage = f"sqlite:///{root / 'tune' / 'study.db'}"
+    cfg.sweep.runs_dir = str(root / "tune" / "sweep")
+    cfg.compare.runs_dir = str(root / "compare")
+    cfg.domains.runs_dir = str(root / "domains")
+    cfg.export.out_dir = str(root / "export")
     return cfg

@@ -12,9 +12,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 INSTALL_HINT = "PostgreSQL server binaries not found: install them with `apt-get install postgresql` (.ci/run does)"
 
@@ -53,5 +53,7 @@ def throwaway_server(bin_dir: Path) -> Iterator[str]:
         run(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "loralab", "tune")
         yield f"postgresql://loralab@127.0.0.1:{port}/tune"
     finally:
-        subprocess.run([*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, cwd=root)
+        subprocess.run(
+            [*prefix, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"], capture_output=True, cwd=root
+        )
         shutil.rmtree(root, ignore_errors=True)

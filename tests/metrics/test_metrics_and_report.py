@@ -4,8 +4,8 @@ import pytest
 
 from loralab.config import Config
 from loralab.metrics.evaluate import generation_subset, score_answers
-from loralab.metrics.text import contains, exact_match, primary_metric, rouge_l, token_f1
 from loralab.metrics.report import write_report
+from loralab.metrics.text import contains, exact_match, primary_metric, rouge_l, token_f1
 
 
 def test_metric_definitions():
@@ -38,8 +38,7 @@ def test_generation_subset_takes_the_first_n_per_task():
 
 def test_report_renders_tables_plots_and_escapes_cells(tmp_path):
     cfg = Config()
-    cfg.eval.report_md = str(tmp_path / "out" / "report.md")
-    cfg.eval.plots_dir = str(tmp_path / "elsewhere" / "plots")  # not under the report's folder
+    cfg.eval.results_dir = str(tmp_path / "out")  # report.md and plots/ are derived from it
     model = {"perplexity": 10.0, "examples_scored": 2, "per_task_ppl": {"t": 10.0},
              **score_answers([{"task": "t", "answer": "x"}], ["x"])}
     results = {"split": "test", "generation_examples": 1, "adapter_dir": "lora", "base_model": "m",
@@ -49,5 +48,5 @@ def test_report_renders_tables_plots_and_escapes_cells(tmp_path):
     write_report(results, cfg)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "a \\| b" in report and "| y z |" in report
-    assert "../elsewhere/plots/accuracy_by_task.png" in report
-    assert (tmp_path / "elsewhere" / "plots" / "perplexity_by_task.png").stat().st_size > 1000
+    assert "(plots/accuracy_by_task.png)" in report  # linked relative to the report
+    assert (tmp_path / "out" / "plots" / "perplexity_by_task.png").stat().st_size > 1000

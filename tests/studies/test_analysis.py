@@ -1,9 +1,8 @@
-"""`loralab analysis`: findings computed from result files, and generated blocks refreshed in place."""
+"""`loralab analysis`: findings computed from result files, written under experiments/ only."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from loralab.studies.analysis import domain_findings, method_findings, separated, write_analysis
 
@@ -42,18 +41,21 @@ def test_method_findings_name_the_winner_the_ties_and_the_costs():
     assert "**Partial comparison:** 4 of 5 planned entries are measured; not yet: full" in method_findings(partial)[0]
 
 
-def test_analysis_refreshes_generated_blocks_and_names_missing_results(tmp_path):
+def test_analysis_writes_findings_under_experiments_only_and_names_missing_results(tmp_path):
     (tmp_path / "experiments").mkdir()
     (tmp_path / "experiments" / "method_comparison.json").write_text(json.dumps(COMPARISON))
     doc = tmp_path / "submission.md"
     doc.write_text("intro\n<!-- generated:methods (loralab analysis) -->\nstale\n<!-- /generated:methods -->\nend\n")
+    before = doc.read_bytes()
     out = write_analysis(tmp_path)
     analysis = out.read_text()
     assert "| lora | 0.001 | 12.00 ± 0.30 |" in analysis
     assert "_Not measured yet: `loralab domains` writes `experiments/domain_transfer.json`._" in analysis
-    refreshed = doc.read_text()
-    assert "stale" not in refreshed and "best is lora" in refreshed
-    assert refreshed.startswith("intro\n") and refreshed.endswith("<!-- /generated:methods -->\nend\n")
+    findings = (tmp_path / "experiments" / "method_findings.md").read_text()
+    assert "| lora | 0.001 | 12.00 ± 0.30 |" in findings and "best is lora" in findings
+    assert not (tmp_path / "experiments" / "domain_findings.md").exists()  # no domains results yet
+    assert doc.read_bytes() == before  # library code never edits the hand-written documents
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experiments", "submission.md"]
 
 
 def test_domain_findings_are_ratios_to_the_base_and_the_specialists():
@@ -93,4 +95,5 @@ def test_findings_name_the_smallest_adapter_and_the_rank_that_is_enough():
     comparison = dict(COMPARISON, methods=dict(COMPARISON["methods"], ia3=_method(14.0, 0.1, params=50)))
     text = "\n".join(method_findings(comparison, sweep))
     assert "**Smallest adapter:** ia3 (50 parameters, 0.00 MB on disk, 1.17x the best perplexity)." in text
-    assert "the smallest rank within 2 % of the best eval perplexity is 4 (perplexity 10.80 vs best 10.70 over ranks 1, 4, 16, 64)" in text
+    assert ("the smallest rank within 2 % of the best eval perplexity is 4 (perplexity 10.80 vs best 10.70 over ranks "
+            "1, 4, 16, 64)") in text

@@ -22,10 +22,7 @@ def _configure(cfg, tmp_path: Path):
     cc.eval_examples = 4
     cc.generation_per_task = 1
     cc.runs_dir = str(tmp_path / "runs")
-    cc.records_dir = str(tmp_path / "records")
-    cc.results_json = str(tmp_path / "cmp.json")
-    cc.summary_md = str(tmp_path / "cmp.md")
-    cc.plots_dir = str(tmp_path / "plots")
+    cc.results_dir = str(tmp_path / "results")  # records in results/compare_runs/
     cfg.eval.max_new_tokens = 4
     return cfg
 

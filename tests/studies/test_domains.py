@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from loralab.config import DataConfig
-from loralab.data.prepare import prepare_dataset
 from loralab.data.builtin_domains import GENERAL_TOPICS, general_knowledge_questions, parse_cheatsheet
+from loralab.data.prepare import prepare_dataset
+from loralab.metrics.general_knowledge import continuation_logprobs, score_general_knowledge
 from loralab.studies.domains import run_domains
 from loralab.util.errors import LoralabError
-from loralab.metrics.general_knowledge import continuation_logprobs, score_general_knowledge
 
 from helpers.data import QA_ROWS, write_jsonl
 
@@ -77,13 +77,15 @@ def test_batched_continuation_scores_equal_one_at_a_time(tiny_llama_dir):
 
 def _two_domain_config(cfg, tmp_path: Path):
     first = [dict(r, task="codes") for r in QA_ROWS[:20]]
-    second = [{"question": f"How do I list directory number {i}?", "answer": f"ls /dir{i} -la", "task": "shell_like"} for i in range(20)]
+    second = [{"question": f"How do I list directory number {i}?", "answer": f"ls /dir{i} -la", "task": "shell_like"}
+              for i in range(20)]
     dc = cfg.domains
-    dc.datasets = {"codes": str(write_jsonl(tmp_path / "codes.jsonl", first)), "cmds": str(write_jsonl(tmp_path / "cmds.jsonl", second))}
+    dc.datasets = {"codes": str(write_jsonl(tmp_path / "codes.jsonl", first)),
+                   "cmds": str(write_jsonl(tmp_path / "cmds.jsonl", second))}
     cfg.data.task_field = "task"
     dc.train_examples, dc.eval_examples, dc.generation_per_task, dc.general_questions = 8, 4, 1, 6
     dc.runs_dir = str(tmp_path / "runs")
-    dc.results_json, dc.summary_md, dc.plots_dir = str(tmp_path / "d.json"), str(tmp_path / "d.md"), str(tmp_path / "plots")
+    dc.results_dir = str(tmp_path / "results")
     cfg.train.batch_size = 4
     return cfg
 
@@ -95,7 +97,8 @@ def test_domains_trains_specialists_and_a_mixture_and_cross_evaluates(tiny_confi
     assert list(matrix) == ["base", "codes", "cmds", "mixture"]
     assert all(set(row) == {"codes", "cmds", "general"} for row in matrix.values())
     subsets = Path(cfg.domains.runs_dir) / "subsets"
-    ids = {name: {r["id"] for r in json.loads((subsets / name / "train_split.json").read_text())} for name in ("codes", "cmds", "mixture")}
+    ids = {name: {r["id"] for r in json.loads((subsets / name / "train_split.json").read_text())}
+           for name in ("codes", "cmds", "mixture")}
     assert len(ids["codes"]) == len(ids["cmds"]) == 8 and ids["mixture"] == ids["codes"] | ids["cmds"]
     assert summary["training"]["mixture"]["steps"] == 2 * summary["training"]["codes"]["steps"]
     # each adapter really changes the model: its own domain's perplexity moves away from the base's

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from loralab.config import load_config
-from loralab.util.errors import LoralabError
 from loralab.studies.space import grid_points, parse_space
 from loralab.studies.sweep import sweep, sweep_points
 from loralab.studies.tune import report_only, tune
+from loralab.util.errors import LoralabError
 
 from helpers.postgres_server import INSTALL_HINT, find_bin_dir, throwaway_server
 
@@ -27,16 +27,14 @@ def _tune_outputs(cfg, root: Path, storage: str | None = None):
     tc = cfg.tune
     tc.storage = storage or f"sqlite:///{root}/study.db"
     tc.runs_dir = str(root / "tune")
-    tc.results_json = str(root / "metrics_comparison.json")
-    tc.summary_md = str(root / "tuning_summary.md")
-    tc.best_config_yaml = str(root / "best.yaml")
-    tc.plots_dir = str(root / "plots")
-    tc.sweep_results_json = str(root / "sensitivity.json")
-    tc.sweep_summary_md = str(root / "sensitivity.md")
-    tc.sweep_plot = str(root / "plots" / "sensitivity.png")
+    tc.results_dir = str(root)
     tc.trial_examples = 32  # batch 4: 8 steps
     tc.trial_eval_examples = 8
     tc.startup_trials = 2
+    sc = cfg.sweep
+    sc.runs_dir = str(root / "sweep")
+    sc.results_dir = str(root)
+    sc.train_examples, sc.eval_examples = 32, 8  # its own budget, given to the runner: not tune's
     return cfg
 
 
@@ -152,7 +150,8 @@ def test_a_killed_search_continues_where_it_stopped_and_resumes_the_killed_trial
     first.send_signal(signal.SIGKILL)
     first.wait()
     time.sleep(cfg.tune.grace_seconds + 1)  # the dead trial's heartbeat is now stale
-    second = subprocess.run([sys.executable, "-m", "loralab", "tune", "--config", str(config_path)], capture_output=True, text=True)
+    second = subprocess.run([sys.executable, "-m", "loralab", "tune", "--config", str(config_path)],
+                            capture_output=True, text=True)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"(continues trial {killed.number})" in second.stdout  # its checkpoint was reused, not retrained
     trials = _states(cfg)
@@ -172,7 +171,8 @@ def test_ctrl_c_requeues_the_trial_and_the_next_run_resumes_it(tune_config, tmp_
     first.send_signal(signal.SIGTERM)
     output, _ = first.communicate(timeout=60)
     assert first.returncode == 130, output
-    again = subprocess.run([sys.executable, "-m", "loralab", "tune", "--config", str(config_path)], capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "loralab", "tune", "--config", str(config_path)],
+                           capture_output=True, text=True)
     assert again.returncode == 0 and "(continues trial 0)" in again.stdout, again.stdout + again.stderr
     assert sorted(t.state.name for t in _states(cfg)) == ["COMPLETE", "FAIL"]
 
@@ -254,8 +254,8 @@ def test_a_study_with_another_search_space_is_refused_and_left_intact(tune_confi
 
 
 def test_sweep_measures_each_point_once_and_continues_after_a_rerun(tune_config, capsys):
-    tune_config.tune.sweep = {"lora.r": [2, 8], "train.learning_rate": ["x1", "x10"]}
-    tune_config.tune.sweep_generation_per_task = 2
+    tune_config.sweep.factors = {"lora.r": [2, 8], "train.learning_rate": ["x1", "x10"]}
+    tune_config.sweep.generation_per_task = 2
     tune_config.lora.r = 8
     points = sweep_points(tune_config)
     assert [p[2] for p in points] == [{"lora.r": 2}, {"lora.r": 8}, {"train.learning_rate": 5e-3}, {"train.learning_rate": 5e-2}]
@@ -267,7 +267,7 @@ def test_sweep_measures_each_point_once_and_continues_after_a_rerun(tune_config,
     assert by_point[("lora.r", 2)]["trainable_parameters"] < by_point[("lora.r", 8)]["trainable_parameters"]
     for p in summary["points"]:
         assert p["eval_perplexity"] > 1 and 0 <= p["domain_accuracy"] <= 100 and p["adapter_mb"] > 0
-    assert Path(tune_config.tune.sweep_plot).stat().st_size > 1000
+    assert Path(tune_config.sweep.plot).stat().st_size > 1000
     sweep(tune_config)
     assert "point " not in capsys.readouterr().out  # every point was already measured
 
@@ -275,6 +275,6 @@ def test_sweep_measures_each_point_once_and_continues_after_a_rerun(tune_config,
 @pytest.mark.parametrize("factor, message", [({"lora.rank": [1]}, "unknown key"), ({"lora.r": []}, "non-empty list"),
                                              ({"lora.target_modules": ["x2"]}, "needs a numeric setting")])
 def test_bad_sweeps_fail_before_any_training(tune_config, factor, message):
-    tune_config.tune.sweep = factor
+    tune_config.sweep.factors = factor
     with pytest.raises(LoralabError, match=message):
         sweep(tune_config)

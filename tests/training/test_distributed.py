@@ -44,7 +44,8 @@ def _finish(process: subprocess.Popen) -> str:
 def _config_file(cfg, root: Path, name: str, save_every: int) -> Path:
     data = cfg.to_dict()
     data["train"].update(batch_size=2, save_every=save_every, run_dir=str(root / f"{name}_run"),
-                         output_dir=str(root / f"{name}_lora"), log_file=str(root / f"{name}_log.txt"), loss_plot="")
+                         output_dir=str(root / f"{name}_lora"), results_dir=str(root / f"{name}_results"),
+                         plot_loss=False)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -73,7 +74,7 @@ def test_two_processes_match_one_and_resume_exactly(tiny_config, tmp_path):
     reference = load_file(tmp_path / "accelerate_lora" / "adapter_model.safetensors")
     for key in single_adapter:
         torch.testing.assert_close(reference[key], single_adapter[key], rtol=1e-3, atol=1e-5)
-    log_lines = (tmp_path / "accelerate_log.txt").read_text().splitlines()
+    log_lines = (tmp_path / "accelerate_results" / "training_logs.txt").read_text().splitlines()
     assert len(log_lines) == 2 + STEPS  # one header, one row per step: rank 1 wrote nothing
     args = json.loads((tmp_path / "accelerate_lora" / "training_args.json").read_text())
     assert args["data_parallel_processes"] == 2 and args["config"]["train"]["batch_size"] == 2

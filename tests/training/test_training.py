@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.config import LoraSettings, ModelConfig
-from loralab.data.prepare import load_split
-from loralab.util.errors import LoralabError
-from loralab.training.recipe import plan_batches, train
 from loralab.data.chat import collate, encode_chat
+from loralab.data.prepare import load_split
 from loralab.metrics.losses import answer_nll_fast, answer_nll_plain
 from loralab.model_utils import attach_lora, load_base_model
+from loralab.training.batching import plan_batches
+from loralab.training.recipe import setup, train
+from loralab.util.errors import LoralabError
 
 
 def _adapter(path) -> dict:
@@ -31,10 +32,12 @@ def test_training_lowers_loss_and_writes_artifacts(tiny_config):
     result = train(tiny_config, quiet=True)
     out = Path(tiny_config.train.output_dir)
     assert not result.interrupted and result.steps_done == 30
-    log = [json.loads(l) for l in (Path(tiny_config.train.run_dir) / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(text) for text in (Path(tiny_config.train.run_dir) / "log.jsonl").read_text().splitlines()]
     evals = [e["eval_loss"] for e in log if e["eval_loss"] is not None]
     assert len(evals) == 3 and evals[-1] < evals[0] - 0.5, evals
-    assert {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "training_args.json"} <= {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "training_args.json"} <= {
+        p.name for p in out.iterdir()
+    }
     args = json.loads((out / "training_args.json").read_text())
     assert args["total_steps"] == 30 and args["config"]["train"]["learning_rate"] == tiny_config.train.learning_rate
     text_log = Path(tiny_config.train.log_file).read_text().splitlines()
@@ -73,8 +76,8 @@ def test_killed_process_resumes_to_the_same_adapter(tiny_config, tmp_path, sig):
         f"data.out_dir={tiny_config.data.out_dir}", f"model.name_or_path={tiny_config.model.name_or_path}",
         f"model.cache_dir={tiny_config.model.cache_dir}", "model.precision=fp32", "lora.dropout=0.1",
         "train.learning_rate=5e-3", "train.batch_size=4", "train.max_steps=200", "train.eval_every=50", "train.save_every=1",
-        f"train.run_dir={run_dir}", f"train.output_dir={tmp_path / 'killed_lora'}", f"train.log_file={tmp_path / 'k.txt'}",
-        "train.loss_plot=",
+        f"train.run_dir={run_dir}", f"train.output_dir={tmp_path / 'killed_lora'}",
+        f"train.results_dir={tmp_path / 'killed_results'}", "train.plot_loss=false",
     ]
     command = [sys.executable, "-m", "loralab", "train", *[a for o in overrides for a in ("--set", o)]]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,7 +166,7 @@ def test_batch_plan_is_deterministic_and_bucketed():
 def test_switched_off_techniques_and_bf16_frozen_weights_still_train(tiny_config):
     """The ablation switches (benchmarks/train_throughput.py --ablation) give working runs; with bf16
     frozen weights the adapter is still trained and saved in fp32."""
-    from loralab.training.recipe import hold_frozen_weights_in, resolve_frozen_dtype
+    from loralab.training.numerics import hold_frozen_weights_in, resolve_frozen_dtype
 
     tiny_config.train.length_bucketing = False
     tiny_config.train.answer_only_logits = False
@@ -187,3 +190,16 @@ def test_switched_off_techniques_and_bf16_frozen_weights_still_train(tiny_config
     hold_frozen_weights_in(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+
+
+def test_setup_gives_the_state_the_loop_runs_on(tiny_config):
+    """setup() alone (as benchmarks/memory_breakdown.py uses it): the model, data, batch plan and
+    optimizer of the run, nothing trained and nothing saved yet."""
+    state = setup(tiny_config, quiet=True)
+    assert state.start_step == 0 and state.total_steps == len(state.plan) == 6
+    assert state.method.name == "lora" and not state.method.whole_model
+    assert state.trainable_params and all(p.requires_grad and p.dtype == torch.float32 for p in state.trainable_params)
+    assert state.n_trainable == sum(p.numel() for p in state.trainable_params) < state.n_total
+    assert {id(p) for group in state.optimizer.param_groups for p in group["params"]} == {id(p) for p in state.trainable_params}
+    assert state.train_examples and state.eval_examples and state.log is not None
+    assert not Path(tiny_config.train.output_dir).exists()

@@ -13,10 +13,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
+
+from loralab.deploy.serve.protocol import Event
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 
@@ -30,7 +33,7 @@ class Request:
     prompt_ids: list[int]
     adapter: str | None  # None: the base model
     max_tokens: int
-    emit: Callable[[dict], None]  # called from the engine thread with {"delta": str} / {"finish": ...}
+    emit: Callable[[Event], None]  # called from the engine thread: text as it is produced, then the finish
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -74,7 +77,7 @@ class _Row:
         if not self.finish and text[self.sent:ready].endswith("\ufffd"):
             return
         if ready > self.sent:
-            self.request.emit({"delta": text[self.sent:ready]})
+            self.request.emit(Event(delta=text[self.sent:ready]))
             self.sent = ready
 
 
@@ -115,7 +118,7 @@ class Engine:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loralab-engine", daemon=True)
 
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         self._thread.start()
         return self
 
@@ -150,7 +153,7 @@ class Engine:
             except Exception as exc:  # one bad batch must not kill the server: fail its requests
                 for r in batch:
                     try:
-                        r.emit({"error": f"{type(exc).__name__}: {exc}"})
+                        r.emit(Event(error=f"{type(exc).__name__}: {exc}"))
                     except Exception:  # the client's event loop is gone (shutdown): nothing to tell
                         pass
 
@@ -168,8 +171,6 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from contextlib import nullcontext
-
         from transformers import DynamicCache
 
         names = {r.adapter or BASE for r in batch}
@@ -199,7 +200,7 @@ class Engine:
                     row.push(token, self.eos_ids)
                     self.stats["tokens"] += 1
                     if row.finish is not None:
-                        row.request.emit({"finish": row.finish, "completion_tokens": len(row.ids)})
+                        row.request.emit(Event(finish=row.finish, completion_tokens=len(row.ids)))
             if all(row.finish is not None for row in rows):
                 return
             ids = torch.tensor(tokens).unsqueeze(1)
