@@ -57,7 +57,7 @@ def test_requirements_install_loralab_but_not_the_model(clone):
 def test_prepare_train_evaluate_tune_as_the_spec_types_them(clone):
     python = str(clone / "venv/bin/python")
     _run([python, "src/data_preparation.py", "--quick"], clone)
-    assert (clone / "runs/quick/data/train.jsonl").is_file()
+    assert (clone / "runs/quick/data/train_split.json").is_file()
     _run([python, "train_lora.py", "--quick", "--set", "train.max_steps=4", "--set", "train.eval_every=2",
           "--set", "train.save_every=2"], clone)
     assert (clone / "runs/quick/lora/adapter_model.safetensors").is_file()
@@ -71,4 +71,4 @@ def test_prepare_train_evaluate_tune_as_the_spec_types_them(clone):
 
 def test_data_preparation_from_another_folder(clone, tmp_path):
     _run([str(clone / "venv/bin/python"), str(clone / "src/data_preparation.py"), "--quick"], tmp_path)
-    assert (tmp_path / "runs/quick/data/train.jsonl").is_file()
+    assert (tmp_path / "runs/quick/data/train_split.json").is_file()
