@@ -25,6 +25,7 @@ import torch
 from loralab.adapters.methods import attach
 from loralab.config import LoraSettings, ModelConfig
 from loralab.util import atomic_io, packages
+from loralab.util.cpu import has_native_bf16
 from loralab.util.errors import LoralabError
 
 # PEFT imports bitsandbytes (on `attach`) when it is installed, and bitsandbytes then logs that an optional faster
@@ -61,11 +62,7 @@ def resolve_device(requested: str) -> torch.device:
 
 def cpu_supports_bf16() -> bool:
     """bf16 autocast pays off only with native bf16 instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+    return has_native_bf16()
 
 
 def resolve_autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

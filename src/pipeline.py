@@ -9,6 +9,7 @@ from loralab.data.prepare import prepare_dataset
 from loralab.metrics.evaluate import evaluate_model_pair
 from loralab.training.recipe import train
 from loralab.util import atomic_io
+from loralab.util.cpu import cpu_profile
 
 
 def run_all(cfg: Config, resume: bool = False) -> dict:
@@ -33,6 +34,7 @@ def run_all(cfg: Config, resume: bool = False) -> dict:
 
     summary = {
         "timings": timings,
+        "machine": cpu_profile(),  # timings differ ~2x between CPU classes (AVX2 fp32 vs native bf16)
         "dataset": card,
         "train": {"steps": result.total_steps, "final_train_loss": result.final_train_loss,
                   "final_eval_loss": result.final_eval_loss},

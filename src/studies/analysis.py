@@ -21,7 +21,7 @@ from loralab.util import atomic_io
 from loralab.util.resources import machine_summary
 
 SOURCES = {
-    "throughput": ("benchmarks/results/train_throughput.json", "python benchmarks/train_throughput.py --ablation"),
+    "throughput": ("benchmarks/results/train_throughput_<cpu class>.json", "python benchmarks/train_throughput.py"),
     "memory": ("benchmarks/results/memory_breakdown.json", "python benchmarks/memory_breakdown.py"),
     "sensitivity": ("experiments/sensitivity.json", "loralab sweep --config experiments/best_config.yaml"),
     "tuning": ("experiments/metrics_comparison.json", "loralab tune"),
@@ -43,39 +43,26 @@ def _missing(name: str) -> list[str]:
     return [f"_Not measured yet: `{command}` writes `{path}`._", ""]
 
 
-def _throughput(data: dict | None) -> list[str]:
-    lines = ["## Training throughput: plain PEFT recipe versus loralab", ""]
-    if data is None:
+def _throughput(root: Path) -> list[str]:
+    """One table per CPU class measured: the benchmark writes one result file per class."""
+    lines = ["## Training throughput: loralab against the strongest baseline, per CPU class", ""]
+    files = sorted((root / "benchmarks/results").glob("train_throughput_*.json"))
+    if not files:
         return lines + _missing("throughput")
-    peak = data["matmul_peak_gflops"]
-    lines += [
-        f"Command: `{data['command']}` ({data['examples']} training examples, batch {data['batch_size']}, "
-        f"{data['cpu_count']} CPU cores, each path in its own process). Raw results: `{SOURCES['throughput'][0]}`.",
-        f"Matmul peak measured in the same run, on this model's projection shapes: {peak['float32']:.0f} GFLOP/s fp32, "
-        f"{peak['bfloat16']:.0f} GFLOP/s bf16. MFU is model FLOPs (formula in the script's docstring) per second over "
-        "the bf16 peak. Tokens/s count non-padding tokens over training wall time; peak RSS is the training process's.",
-        "",
-        "| path | tokens/s | x plain | steady tokens/s | peak RSS MB | x plain | eval loss | x plain | GFLOP/s | MFU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, r in data["results"].items():
-        steady = f"{r['steady_tokens_per_s_median']:.0f}" if "steady_tokens_per_s_median" in r else "-"
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f} | {steady} | {r['peak_rss_mb']:.0f} | "
-                     f"{r['rss_ratio']:.2f} | {r['eval_loss']:.4f} | {r['eval_loss_ratio']:.3f} | {r['gflops']:.1f} | "
-                     f"{100 * r['mfu_vs_bf16_peak']:.0f} % |")
-    default = next((r for name, r in data["results"].items() if name.startswith("loralab default")), None)
-    if default:
-        checks = [
-            ("tokens/s at least 2.0x the plain recipe", default["speedup"] >= 2.0, f"{default['speedup']:.2f}x"),
-            ("peak memory at most 0.6x", default["rss_ratio"] <= 0.6, f"{default['rss_ratio']:.2f}x"),
-            ("eval loss within 1 % of the plain recipe", abs(default["eval_loss_ratio"] - 1) <= 0.01,
-             f"{100 * (default['eval_loss_ratio'] - 1):+.2f} %"),
-            ("MFU at least 60 % of the bf16 matmul peak", default["mfu_vs_bf16_peak"] >= 0.6,
-             f"{100 * default['mfu_vs_bf16_peak']:.0f} %"),
+    classes = []
+    for path in files:
+        data = json.loads(path.read_text())
+        cpu, peak = data["cpu"], data["matmul_peak_gflops"]
+        classes.append(cpu["class"])
+        lines += [
+            f"### CPU class {cpu['class']}: {cpu['cpu']}, {cpu['cores']} cores", "",
+            f"Command: `{data['command']}`; raw results: `{path.relative_to(root)}`. Matmul peak measured in the same "
+            f"run: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} bf16; MFU is over the peak of the dtype "
+            "each path computes in. Ratios are to the best baseline.", "",
+            data["header"], "", *data["table"], "", data["targets"], "",
         ]
-        lines += ["", "Targets for the default path:", ""]
-        lines += [f"- {text}: **{'met' if ok else 'missed'}** ({value})" for text, ok, value in checks]
-    return lines + [""]
+    others = sorted({"avx2", "avx512", "avx512-bf16"} - set(classes))
+    return lines + ([f"Not measured with this benchmark: CPU class {', '.join(others)}.", ""] if others else [])
 
 
 def _memory(data: dict | None, md_dir: Path, root: Path) -> list[str]:
@@ -401,7 +388,7 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
         "All timings are from this project's 2-core CPU; compare ratios within one run.",
         "",
     ]
-    lines += _throughput(_load(root, "throughput"))
+    lines += _throughput(root)
     lines += _memory(_load(root, "memory"), md_dir, root)
     lines += _tuning(_load(root, "tuning"))
     sensitivity, methods, domains = (_load(root, name) for name in ("sensitivity", "methods", "domains"))

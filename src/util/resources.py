@@ -11,6 +11,8 @@ import os
 import resource
 import threading
 
+from loralab.util.cpu import NATIVE_BF16_FLAGS, read_cpuinfo
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -50,20 +52,8 @@ class PeakRss:
 
 def machine_description() -> dict:
     """The CPU a result was measured on: timings are only comparable on the same one."""
-    import platform
-
-    model = platform.processor() or platform.machine()
-    flags: set[str] = set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "bf16": bool({"avx512_bf16", "amx_bf16"} & flags)}
+    model, flags = read_cpuinfo()
+    return {"cpu": model, "cores": os.cpu_count(), "bf16": bool(NATIVE_BF16_FLAGS & flags)}
 
 
 def machine_summary(machine: dict) -> str:

@@ -97,3 +97,21 @@ def test_findings_name_the_smallest_adapter_and_the_rank_that_is_enough():
     assert "**Smallest adapter:** ia3 (50 parameters, 0.00 MB on disk, 1.17x the best perplexity)." in text
     assert ("the smallest rank within 2 % of the best eval perplexity is 4 (perplexity 10.80 vs best 10.70 over ranks "
             "1, 4, 16, 64)") in text
+
+
+def test_throughput_gets_one_section_per_measured_cpu_class_and_names_the_others(tmp_path):
+    results = tmp_path / "benchmarks" / "results"
+    (results / "stale").mkdir(parents=True)
+    (results / "stale" / "train_throughput_old.json").write_text("{}")  # stale results are not quoted
+    record = {"command": "python benchmarks/train_throughput.py --examples 8 --seeds 42",
+              "cpu": {"cpu": "Some CPU", "cores": 2, "class": "avx2"},
+              "matmul_peak_gflops": {"float32": 150.0, "bfloat16": 1.7}, "header": "8 examples",
+              "table": ["| path | tokens/s |", "|---|---:|", "| loralab default | 140.0 |"],
+              "targets": "targets, loralab default vs the best baseline (TRL SFTTrainer): tokens/s >= 2.0x: 1.20x (MISSED)"}
+    (results / "train_throughput_avx2.json").write_text(json.dumps(record))
+    analysis = write_analysis(tmp_path).read_text()
+    section = analysis.split("## Training throughput")[1].split("\n## ")[0]
+    assert "### CPU class avx2: Some CPU, 2 cores" in section
+    assert "| loralab default | 140.0 |" in section and "1.20x (MISSED)" in section
+    assert "raw results: `benchmarks/results/train_throughput_avx2.json`" in section
+    assert "Not measured with this benchmark: CPU class avx512, avx512-bf16." in section
