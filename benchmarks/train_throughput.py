@@ -1,7 +1,7 @@
 """Training throughput: loralab against the recipes its users would otherwise run, in one run.
 
-    python benchmarks/train_throughput.py               # 2 baselines + loralab, 3 seeds: ~30 min (2-core AVX2)
-    python benchmarks/train_throughput.py --seeds 42    # one seed: a third of that
+    python benchmarks/train_throughput.py               # 2 baselines + loralab, 3 seeds: ~15 min (2-core AVX2)
+    python benchmarks/train_throughput.py --seeds 42    # one seed: about a third of that
     python benchmarks/train_throughput.py --ablation    # + each loralab technique alone and combined
 
 The baselines, each in its best documented CPU configuration for the CPU at hand:
