@@ -18,6 +18,7 @@ from pathlib import Path
 
 from loralab.adapters.registry import get_method
 from loralab.util import atomic_io
+from loralab.util.cpu import CPU_CLASSES
 from loralab.util.resources import machine_summary
 
 SOURCES = {
@@ -61,7 +62,7 @@ def _throughput(root: Path) -> list[str]:
             "each path computes in. Ratios are to the best baseline.", "",
             data["header"], "", *data["table"], "", data["targets"], "",
         ]
-    others = sorted({"avx2", "avx512", "avx512-bf16"} - set(classes))
+    others = [name for name in CPU_CLASSES if name != "baseline" and name not in classes]
     return lines + ([f"Not measured with this benchmark: CPU class {', '.join(others)}.", ""] if others else [])
 
 

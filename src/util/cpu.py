@@ -14,6 +14,7 @@ import platform
 # The flags that decide which code path is fast; recorded with every benchmark result.
 FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+CPU_CLASSES = ("avx512-bf16", "avx512", "avx2", "baseline")  # what cpu_class() returns, fastest first
 
 
 def read_cpuinfo() -> tuple[str, set[str]]:

@@ -114,4 +114,4 @@ def test_throughput_gets_one_section_per_measured_cpu_class_and_names_the_others
     assert "### CPU class avx2: Some CPU, 2 cores" in section
     assert "| loralab default | 140.0 |" in section and "1.20x (MISSED)" in section
     assert "raw results: `benchmarks/results/train_throughput_avx2.json`" in section
-    assert "Not measured with this benchmark: CPU class avx512, avx512-bf16." in section
+    assert "Not measured with this benchmark: CPU class avx512-bf16, avx512." in section

@@ -1,6 +1,6 @@
 """CPU classes decide the code path (bf16 autocast only with native bf16) and label every benchmark."""
 
-from loralab.util.cpu import FLAGS_OF_INTEREST, cpu_class, cpu_profile
+from loralab.util.cpu import CPU_CLASSES, FLAGS_OF_INTEREST, cpu_class, cpu_profile
 
 
 def test_class_follows_the_strongest_flag():
@@ -14,4 +14,5 @@ def test_class_follows_the_strongest_flag():
 def test_profile_records_every_flag_of_interest_and_agrees_with_its_class():
     profile = cpu_profile()
     assert set(profile["flags"]) == set(FLAGS_OF_INTEREST)
+    assert profile["class"] in CPU_CLASSES
     assert profile["class"] == cpu_class({f for f, present in profile["flags"].items() if present})
