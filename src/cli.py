@@ -14,6 +14,8 @@
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
     loralab domains  [--quick]                  # specialists + mixture, cross-evaluated; experiments/domain_transfer.md
+    loralab prune    [--adapter DIR] [--method M] [--sparsity S] [--source merged|base] [--recover] [--study]
+                                                # a pruned HF directory; --study: experiments/pruning_study.md
     loralab analysis                            # experiments/optimization_analysis.md from the committed results
     loralab config                              # print the resolved config as YAML
 
@@ -37,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from loralab.config import Config, load_config
+from loralab.config import Config, PruneMethod, PruneSource, choices, load_config
 from loralab.util.errors import LoralabError
 from loralab.util.library_noise import quiet_library_noise
 
@@ -174,6 +176,21 @@ def run_domains(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prune(cfg: Config, args: argparse.Namespace) -> int:
+    if args.study:
+        from loralab.prune.study import prune_study
+
+        summary = prune_study(cfg, adapter_dir=args.adapter)
+        p = cfg.prune
+        print(f"{len(summary['points'])} points; wrote {p.results_json}, {p.summary_md} and {p.plots_dir}/")
+        return 0
+    from loralab.prune.prune import REPORT_FILE, prune
+
+    prune(cfg, adapter_dir=args.adapter)
+    print(f"wrote {cfg.prune.out_dir}/ (a plain Hugging Face model directory) and its {REPORT_FILE}")
+    return 0
+
+
 def run_analysis(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.studies.analysis import write_analysis
 
@@ -239,6 +256,22 @@ VERBS: tuple[Verb, ...] = (
     )),
     Verb("compare", "every method, same data and budget, own lr, seeds; test split", run_compare),
     Verb("domains", "an adapter per domain and one on their mixture, cross-evaluated, forgetting", run_domains),
+    Verb("prune", "prune the fine-tuned (or base) model: magnitude, Wanda, 2:4, heads, MLP channels, layers",
+         run_prune, (
+             ADAPTER_DIR,
+             flag("--method", sets="prune.method", choices=choices(PruneMethod)),
+             flag("--sparsity", sets="prune.sparsity", type=float,
+                  help="fraction of weights, of heads per KV group, of MLP channels or of layers to remove"),
+             flag("--source", sets="prune.source", choices=choices(PruneSource),
+                  help="merged: base + adapter (default); base: the base model alone"),
+             flag("--out", sets="prune.out_dir", help="output directory (default: prune.out_dir)"),
+             flag("--recover", sets="prune.recover", action="store_const", const=True,
+                  help="then train a LoRA adapter on the pruned model (prune.recovery_examples)"),
+             flag("--no-evaluate", sets="prune.evaluate", action="store_const", const=False,
+                  help="skip the test-split measurements"),
+             flag("--study", action="store_true",
+                  help="every prune.study_points point, measured; experiments/pruning_study.md (resumable)"),
+         )),
     Verb("analysis", "rebuild experiments/optimization_analysis.md from the committed results", run_analysis),
     Verb("config", "print the resolved configuration", print_config),
 )
@@ -290,7 +323,7 @@ def load_verb_config(verb: Verb, args: argparse.Namespace) -> Config:
         value = getattr(args, _dest(option))
         if option.sets is not None and value is not None:
             set_field(cfg, option.sets, option.convert(value) if option.convert else value)
-    return cfg
+    return cfg.validate()  # a flag's value obeys the same ranges as the file's
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,8 @@ LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", 
 Split = Literal["train", "eval", "test"]
 Sampler = Literal["tpe", "grid", "random"]
 Pruner = Literal["median", "hyperband", "none"]
+PruneMethod = Literal["magnitude", "wanda", "wanda-2:4", "heads", "mlp", "layers"]
+PruneSource = Literal["merged", "base"]
 ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8", "int8-dynamic"]
 
 # Field metadata of a setting that changes where or how fast a run goes, never what it learns or
@@ -457,6 +459,73 @@ class CompareConfig(Section):
             self._at_least(key, 0)
 
 
+@dataclass
+class PruneConfig(Section):
+    """`loralab prune`: one pruned model (with optional LoRA recovery), or `--study`: every point in
+    `study_points`, measured on the test split (src/prune/)."""
+
+    name: ClassVar[str] = "prune"
+
+    method: PruneMethod = "wanda"
+    sparsity: float = 0.5  # fraction of weights (unstructured), of heads per KV group, of MLP channels, or of layers
+    source: PruneSource = "merged"  # merged: base + the adapter (--adapter, default train.output_dir); base: the base alone
+    calibration_examples: int = 64  # first training examples, for Wanda's activation norms and the structured scores
+    out_dir: str = "models/pruned"  # the pruned Hugging Face directory (and recovery_adapter/ with --recover)
+    recover: bool = False  # then fine-tune a LoRA adapter on the pruned model (the pruned model as the base)
+    recovery_examples: int = 240  # the recovery budget: compare's per-run budget, one epoch of these examples
+    evaluate: bool = True  # measure source and pruned (and recovered) on the test split
+    generation_per_task: int = 10  # test questions per task for domain accuracy
+    speed_tokens: int = 64  # greedy tokens at batch 1 for tokens/s
+    # The study: method@sparsity points; recovery and Q8_0 GGUF for the points listed in the next two.
+    study_points: list[str] = field(default_factory=lambda: [
+        "magnitude@0.3", "magnitude@0.5", "wanda@0.3", "wanda@0.5", "wanda-2:4@0.5", "heads@0.33", "mlp@0.25", "mlp@0.5",
+        "layers@0.1", "layers@0.2"])
+    recovery_points: list[str] = field(default_factory=lambda: ["wanda@0.5", "heads@0.33", "mlp@0.5", "layers@0.2"])
+    gguf_points: list[str] = field(default_factory=lambda: ["wanda@0.5", "mlp@0.25"])
+    runs_dir: str = "runs/prune"
+    results_dir: str = "experiments"  # pruning_study.json/.md, plots/pruning/, prune_runs/ (one record per point)
+
+    @property
+    def records_dir(self) -> str:
+        return str(Path(self.results_dir) / "prune_runs")
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "pruning_study.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "pruning_study.md")
+
+    @property
+    def plots_dir(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "pruning")
+
+    def check_ranges(self) -> None:
+        _check(0 < self.sparsity < 1, "prune.sparsity", self.sparsity, "must be between 0 and 1 (e.g. 0.5)")
+        _check(self.method != "wanda-2:4" or self.sparsity == 0.5, "prune.sparsity", self.sparsity,
+               "2:4 keeps 2 of every 4 weights, so its sparsity is 0.5")
+        for key in ("calibration_examples", "recovery_examples", "generation_per_task", "speed_tokens"):
+            self._at_least(key, 1)
+        for point in self.study_points:
+            parse_prune_point(point)
+        for key in ("recovery_points", "gguf_points"):
+            extra = [p for p in getattr(self, key) if p not in self.study_points]
+            _check(not extra, f"prune.{key}", extra, "list only points that are in prune.study_points")
+
+
+def parse_prune_point(point: str) -> tuple[str, float]:
+    """A study point "method@sparsity" (e.g. "wanda@0.5") as (method, sparsity); one line when malformed."""
+    method, _, value = str(point).partition("@")
+    try:
+        sparsity = float(value)
+    except ValueError:
+        sparsity = -1.0
+    _check(method in choices(PruneMethod) and 0 < sparsity < 1, "prune.study_points", point,
+           f"write method@sparsity with a method of {', '.join(choices(PruneMethod))} and 0 < sparsity < 1")
+    return method, sparsity
+
+
 # Model names of the domains study that a domain cannot take.
 MIXTURE, BASE = "mixture", "base"
 
@@ -511,6 +580,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

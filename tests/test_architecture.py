@@ -24,7 +24,8 @@ LAYERS = {
     "training": 5,
     "data_preparation": 6, "fine_tune_lora": 6, "evaluation": 6, "pipeline": 6,  # the spec's entry points
     "studies": 7, "deploy": 7,
-    "cli": 8, "__main__": 9, "__init__": 9,
+    "prune": 8,  # measures through studies' runner and deploy's speed and GGUF code
+    "cli": 9, "__main__": 10, "__init__": 10,
 }
 
 

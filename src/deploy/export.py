@@ -139,7 +139,7 @@ def _load_format(fmt: str, artifacts: dict[str, Path], merged_dir: Path):
 
 
 @torch.no_grad()
-def _tokens_per_s(model, tokenizer, n_tokens: int) -> float:
+def greedy_tokens_per_s(model, tokenizer, n_tokens: int) -> float:
     from loralab.data.chat import prompt_ids
 
     ids = torch.tensor([prompt_ids(tokenizer, [{"role": "user", "content": VERIFY_PROMPTS[0]}])])
@@ -222,7 +222,7 @@ def _measure(cfg: Config, model, tokenizer, rows: list[dict]) -> dict:
     quality = measure_quality(cfg, model, tokenizer, rows, cfg.export.generation_per_task, torch.device("cpu"), None)
     return {"test_perplexity": quality["perplexity"], "domain_accuracy": quality["domain_accuracy"],
             "domain_accuracy_se": quality["domain_accuracy_se"], "generation_examples": quality["generation_examples"],
-            "tokens_per_s_batch1": round(_tokens_per_s(model, tokenizer, cfg.export.speed_tokens), 1)}
+            "tokens_per_s_batch1": round(greedy_tokens_per_s(model, tokenizer, cfg.export.speed_tokens), 1)}
 
 
 def _write_report(cfg: Config, results: dict) -> None:

@@ -28,6 +28,7 @@ SOURCES = {
     "tuning": ("experiments/metrics_comparison.json", "loralab tune"),
     "methods": ("experiments/method_comparison.json", "loralab compare"),
     "domains": ("experiments/domain_transfer.json", "loralab domains"),
+    "pruning": ("experiments/pruning_study.json", "loralab prune --study"),
 }
 
 # Two-sided 95 % critical values of Student's t by degrees of freedom (2 x seeds - 2 for two methods).
@@ -362,6 +363,17 @@ def _domains(data: dict | None, md_dir: Path, root: Path) -> list[str]:
     return lines + ["", *domain_findings(data), "", f"![domains]({plot})", ""]
 
 
+def _pruning(data: dict | None, md_dir: Path, root: Path) -> list[str]:
+    """The study writes its own findings (src/prune/study.py); quoted here beside the other trade-offs."""
+    lines = ["## Pruning: quality against size and speed", ""]
+    if data is None:
+        return lines + _missing("pruning")
+    plot = os.path.relpath(root / "experiments/plots/pruning/quality_vs_cost.png", md_dir)
+    return lines + [f"Command: `{SOURCES['pruning'][1]}` on {machine_summary(data['machine'])}; every table in "
+                    "`experiments/pruning_study.md`. Source: " + data["source"] + ".", "",
+                    *data["findings"], "", f"![pruning]({plot})", ""]
+
+
 def _findings_documents(methods: dict | None, sensitivity: dict | None, domains: dict | None) -> dict[str, list[str]]:
     """The findings as documents of their own under experiments/, for the hand-written docs to link to
     (library code never edits README.md or submission.md)."""
@@ -397,6 +409,7 @@ def write_analysis(root: str | Path = ".", out: str | Path = "experiments/optimi
     lines += _sensitivity(sensitivity, md_dir, root)
     lines += _methods(methods, sensitivity, md_dir, root)
     lines += _domains(domains, md_dir, root)
+    lines += _pruning(_load(root, "pruning"), md_dir, root)
     atomic_io.write_text(out, "\n".join(lines))
     for name, document in _findings_documents(methods, sensitivity, domains).items():
         atomic_io.write_text(md_dir / name, "\n".join(document))

@@ -25,7 +25,7 @@ def outputs_under(cfg: Config, root: Path) -> Config:
     cfg.data.out_dir = str(root / "data")
     cfg.train.run_dir = str(root / "run")
     cfg.train.output_dir = str(root / "lora")
-    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains):
+    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains, cfg.prune):
         section.results_dir = str(root)
     cfg.tune.runs_dir = str(root / "tune")
     cfg.tune.storage = f"sqlite:///{root / 'tune' / 'study.db'}"
@@ -33,4 +33,6 @@ def outputs_under(cfg: Config, root: Path) -> Config:
     cfg.compare.runs_dir = str(root / "compare")
     cfg.domains.runs_dir = str(root / "domains")
     cfg.export.out_dir = str(root / "export")
+    cfg.prune.runs_dir = str(root / "prune")
+    cfg.prune.out_dir = str(root / "pruned")
     return cfg

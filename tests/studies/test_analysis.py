@@ -115,3 +115,14 @@ def test_throughput_gets_one_section_per_measured_cpu_class_and_names_the_others
     assert "| loralab default | 140.0 |" in section and "1.20x (MISSED)" in section
     assert "raw results: `benchmarks/results/train_throughput_avx2.json`" in section
     assert "Not measured with this benchmark: CPU class avx512-bf16, avx512." in section
+
+
+def test_analysis_quotes_the_pruning_study_findings_and_its_command(tmp_path):
+    (tmp_path / "experiments").mkdir()
+    study = {"machine": {"cpu": "Test CPU", "cores": 2, "bf16": False}, "source": "base + lora",
+             "findings": ["- Zeroed weights do not pay on this CPU by themselves."]}
+    (tmp_path / "experiments" / "pruning_study.json").write_text(json.dumps(study))
+    analysis = write_analysis(tmp_path).read_text()
+    section = analysis[analysis.index("## Pruning"):]
+    assert "Command: `loralab prune --study` on Test CPU, 2 cores, without native bf16" in section
+    assert "- Zeroed weights do not pay on this CPU by themselves." in section
