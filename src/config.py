@@ -476,7 +476,7 @@ class PruneConfig(Section):
     evaluate: bool = True  # measure source and pruned (and recovered) on the test split
     generation_per_task: int = 10  # test questions per task for domain accuracy
     speed_tokens: int = 64  # greedy tokens at batch 1 for tokens/s
-    # The study: method@sparsity points; recovery and Q8_0 GGUF for the points listed in the next two.
+    # The study: method@sparsity points; recovery, and Q8_0 and Q4_1 GGUF, for the points listed in the next two.
     study_points: list[str] = field(default_factory=lambda: [
         "magnitude@0.3", "magnitude@0.5", "wanda@0.3", "wanda@0.5", "wanda-2:4@0.5", "heads@0.33", "mlp@0.25", "mlp@0.5",
         "layers@0.1", "layers@0.2"])

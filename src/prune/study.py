@@ -1,6 +1,6 @@
 """`loralab prune --study`: every `prune.study_points` point (method@sparsity) of the fine-tuned model,
 measured on the test split beside the unpruned model; LoRA recovery for `prune.recovery_points`,
-Q8_0 GGUF for `prune.gguf_points`.
+Q8_0 and Q4_1 GGUF for `prune.gguf_points`.
 
 Resumable at every stage: each point keeps one record in `prune.records_dir` (committed), updated
 after each stage (pruned, recovered, gguf), so a killed study loses at most the stage it was in and a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_description, machine_summary
 
 REFERENCE = "none"  # the unpruned model
+GGUF_TYPES = ("q8_0", "q4_1")  # loralab export's 8-bit and 4-bit defaults
 PLOT = "quality_vs_cost.png"
 
 
@@ -48,19 +50,33 @@ def _prune_to(cfg: Config, adapter_dir: str, point: str, out: Path) -> dict:
     return report
 
 
-def _write_gguf(model_dir: Path, path: Path) -> Path:
+def _gguf_path(model_dir: Path, qtype: str) -> Path:
+    return model_dir.parent / f"model.{qtype.upper()}.gguf"
+
+
+def _adapted_modules(cfg: Config, adapter_dir: str) -> set[str]:
+    """The module names the adapter changed: 4-bit files keep them at Q8_0, as `loralab export` does."""
+    if cfg.prune.source == "base":
+        return set()
+    targets = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("target_modules") or []
+    return {t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets)}
+
+
+def _write_gguf(model_dir: Path, qtype: str, adapted: set[str]) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loralab.deploy.gguf import write_gguf
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return write_gguf(model, AutoTokenizer.from_pretrained(model_dir), path, "q8_0", model_dir.parent.name)
+    return write_gguf(model, AutoTokenizer.from_pretrained(model_dir), _gguf_path(model_dir, qtype), qtype,
+                      model_dir.parent.name, adapted=adapted)
 
 
 def _run_point(cfg: Config, adapter_dir: str, point: str, record: dict, save) -> dict:
     """The stages still missing from `record`, each saved as soon as it is measured."""
     p = cfg.prune
     model_dir = Path(p.runs_dir) / slug(point) / "model"
+
     def ensure_model() -> None:
         if not (model_dir / "config.json").is_file():
             record["prune"] = in_fresh_process(_prune_to, cfg, adapter_dir, point, model_dir)
@@ -75,11 +91,12 @@ def _run_point(cfg: Config, adapter_dir: str, point: str, record: dict, save) ->
         record["recovered"] = {**measure_directory(cfg, model_dir, model_dir.parent / "recovery" / "adapter"),
                                "train_examples": run.trial_examples, "train_seconds": run.wall_seconds}
         save(record)
-    if point in p.gguf_points and "gguf_q8_0" not in record:
-        ensure_model()
-        gguf_path = in_fresh_process(_write_gguf, model_dir, model_dir.parent / "model.Q8_0.gguf")
-        record["gguf_q8_0"] = measure_gguf(cfg, gguf_path)
-        save(record)
+    for qtype in GGUF_TYPES if point in p.gguf_points else ():
+        if f"gguf_{qtype}" not in record:
+            ensure_model()
+            gguf_path = in_fresh_process(_write_gguf, model_dir, qtype, _adapted_modules(cfg, adapter_dir))
+            record[f"gguf_{qtype}"] = measure_gguf(cfg, gguf_path)
+            save(record)
     return record
 
 
@@ -92,7 +109,7 @@ def _measure_speeds(cfg: Config, records: dict[str, dict], savers: dict) -> None
         model_dir = Path(cfg.prune.runs_dir) / slug(point) / "model"
         wanted = {"quality": {"model_dir": model_dir},
                   "recovered": {"model_dir": model_dir, "adapter_dir": model_dir.parent / "recovery" / "adapter"},
-                  "gguf_q8_0": {"gguf": model_dir.parent / "model.Q8_0.gguf"}}
+                  **{f"gguf_{q}": {"gguf": _gguf_path(model_dir, q)} for q in GGUF_TYPES}}
         for key, where in wanted.items():
             if key in record and key not in record.get("speed", {}):
                 if not all(Path(v).exists() for v in where.values()):
@@ -144,7 +161,8 @@ def summarize(cfg: Config, records: dict[str, dict], adapter_dir: str) -> dict:
 
 # --- findings, table and plot: generated from the records, never written by hand ----------------------
 
-VARIANTS = (("quality", "pruned"), ("recovered", "pruned + LoRA recovery"), ("gguf_q8_0", "pruned, Q8_0 GGUF"))
+VARIANTS = (("quality", "pruned"), ("recovered", "pruned + LoRA recovery"),
+            *((f"gguf_{q}", f"pruned, {q.upper()} GGUF") for q in GGUF_TYPES))
 
 
 def _measured(record: dict, key: str) -> dict:
@@ -157,11 +175,19 @@ def _rows(records: dict[str, dict]) -> list[tuple[str, str, dict]]:
             for key, label in VARIANTS if key in record]
 
 
+def speed_ratio(q: dict, ref: dict) -> float:
+    """Tokens/s against the unpruned model: the median over rounds of the ratio within each round (the rounds
+    interleave every model, so a slow minute of the machine slows both sides of a ratio), where both have runs."""
+    if len(q.get("runs", [])) == len(ref.get("runs", [])) > 0:
+        return statistics.median(a / b for a, b in zip(q["runs"], ref["runs"]))
+    return q["tokens_per_s_batch1"] / ref["tokens_per_s_batch1"]
+
+
 def _vs(q: dict, ref: dict) -> str:
     return (f"perplexity {q['test_perplexity']:.2f} ({q['test_perplexity'] / ref['test_perplexity']:.2f}x), "
             f"accuracy {q['domain_accuracy']:.1f} ± {q['domain_accuracy_se']:.1f} %, {q['size_mb']:.0f} MB "
             f"({q['size_mb'] / ref['size_mb']:.2f}x), {q['tokens_per_s_batch1']:.1f} tokens/s "
-            f"({q['tokens_per_s_batch1'] / ref['tokens_per_s_batch1']:.2f}x)")
+            f"({speed_ratio(q, ref):.2f}x)")
 
 
 def findings(records: dict[str, dict]) -> list[str]:
@@ -170,7 +196,7 @@ def findings(records: dict[str, dict]) -> list[str]:
     out = [f"- Unpruned (fine-tuned, merged, fp32): {_vs(ref, ref)}."]
     unstructured = [p for p in pruned if parse_prune_point(p)[0] in ("magnitude", "wanda", "wanda-2:4")]
     if unstructured:
-        worst = max(_measured(pruned[p], "quality")["tokens_per_s_batch1"] / ref["tokens_per_s_batch1"] for p in unstructured)
+        worst = max(speed_ratio(_measured(pruned[p], "quality"), ref) for p in unstructured)
         out.append(f"- Zeroed weights do not pay on this CPU by themselves: the {len(unstructured)} unstructured and 2:4 "
                    f"points keep the same file size (a dense safetensors file stores the zeros) and run at most "
                    f"{worst:.2f}x the unpruned speed (dense matmul kernels do the same work).")
@@ -186,8 +212,9 @@ def findings(records: dict[str, dict]) -> list[str]:
                        f"perplexity {before['test_perplexity']:.2f} -> {after['test_perplexity']:.2f}, accuracy "
                        f"{before['domain_accuracy']:.1f} -> {after['domain_accuracy']:.1f} % "
                        f"(unpruned {ref['test_perplexity']:.2f}, {ref['domain_accuracy']:.1f} %).")
-        if "gguf_q8_0" in record:
-            out.append(f"- {point} then Q8_0 GGUF: {_vs(_measured(record, 'gguf_q8_0'), ref)}.")
+        for qtype in GGUF_TYPES:
+            if f"gguf_{qtype}" in record:
+                out.append(f"- {point} then {qtype.upper()} GGUF: {_vs(_measured(record, f'gguf_{qtype}'), ref)}.")
     out.append(_best_small(records, ref))
     return out
 
@@ -196,7 +223,7 @@ def _best_small(records: dict[str, dict], ref: dict) -> str:
     """The smallest or fastest variant that keeps perplexity within 10 % of the unpruned model."""
     close = [(p, label, q) for p, label, q in _rows(records)
              if p != REFERENCE and q["test_perplexity"] <= 1.1 * ref["test_perplexity"]]
-    faster = [(p, label, q) for p, label, q in close if q["tokens_per_s_batch1"] >= 1.05 * ref["tokens_per_s_batch1"]]
+    faster = [(p, label, q) for p, label, q in close if speed_ratio(q, ref) >= 1.05]
     smaller = [(p, label, q) for p, label, q in close if q["size_mb"] <= 0.95 * ref["size_mb"]]
     if not close:
         return "- No pruned variant kept test perplexity within 10 % of the unpruned model."
@@ -205,8 +232,8 @@ def _best_small(records: dict[str, dict], ref: dict) -> str:
         p, label, q = min(smaller, key=lambda row: row[2]["size_mb"])
         parts.append(f"smallest: {p} ({label}), {q['size_mb']:.0f} MB")
     if faster:
-        p, label, q = max(faster, key=lambda row: row[2]["tokens_per_s_batch1"])
-        parts.append(f"fastest: {p} ({label}), {q['tokens_per_s_batch1']:.1f} tokens/s")
+        p, label, q = max(faster, key=lambda row: speed_ratio(row[2], ref))
+        parts.append(f"fastest: {p} ({label}), {speed_ratio(q, ref):.2f}x the unpruned tokens/s")
     return ("- Within 10 % of the unpruned perplexity: " + ("; ".join(parts) if parts else
             "no variant is smaller or faster than the unpruned model") + ".")
 
@@ -222,12 +249,13 @@ def markdown(summary: dict) -> str:
              f"process that measured quality. Calibration: the first {summary['calibration_examples']} training examples; "
              "recovery: a LoRA "
              f"adapter trained on the pruned model with {summary['recovery_examples']} examples.", "",
-             "| point | variant | parameters (M) | file MB | test ppl | domain acc % | tokens/s | peak RSS MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| point | variant | parameters (M) | file MB | test ppl | domain acc % | tokens/s | vs unpruned | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for point, label, q in _rows(summary["points"]):
         lines.append(f"| {point} | {'unpruned' if point == REFERENCE else label} | {q['parameters'] / 1e6:.1f} | "
                      f"{q['size_mb']:.0f} | {q['test_perplexity']:.2f} | {q['domain_accuracy']:.1f} ± "
-                     f"{q['domain_accuracy_se']:.1f} | {q['tokens_per_s_batch1']:.1f} | {q['peak_rss_mb']:.0f} |")
+                     f"{q['domain_accuracy_se']:.1f} | {q['tokens_per_s_batch1']:.1f} | {speed_ratio(q, ref):.2f}x | "
+                     f"{q['peak_rss_mb']:.0f} |")
     lines += ["", f"Unpruned reference: perplexity {ref['test_perplexity']:.2f}.", "", "## Findings", "",
               *summary["findings"], "", f"![quality against size and speed]({summary['plot']})", ""]
     return "\n".join(lines)
@@ -240,7 +268,7 @@ def plot(summary: dict, plots_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    markers = {"pruned": "o", "pruned + LoRA recovery": "^", "pruned, Q8_0 GGUF": "s"}
+    markers = dict(zip((label for _, label in VARIANTS), "o^sD"))
     for ax, key, xlabel in ((axes[0], "size_mb", "file size (MB)"), (axes[1], "tokens_per_s_batch1", "greedy tokens/s, batch 1")):
         for label, marker in markers.items():
             rows = [(p, q) for p, lab, q in _rows(summary["points"]) if lab == label and p != REFERENCE]

@@ -200,8 +200,9 @@ def test_study_measures_every_point_then_resumes_without_measuring_again(tiny_co
     reference = summary["points"]["none"]["quality"]
     assert point["quality"]["parameters"] < reference["parameters"]
     assert point["quality"]["size_mb"] < reference["size_mb"]
-    assert {"recovered", "gguf_q8_0"} <= set(point) and point["recovered"]["train_examples"] == 8
-    assert set(point["speed"]) == {"quality", "recovered", "gguf_q8_0"}  # every variant, 5 runs each, median in the table
+    assert {"recovered", "gguf_q8_0", "gguf_q4_1"} <= set(point) and point["recovered"]["train_examples"] == 8
+    assert point["gguf_q4_1"]["size_mb"] < point["gguf_q8_0"]["size_mb"] < point["quality"]["size_mb"]
+    assert set(point["speed"]) == {"quality", "recovered", "gguf_q8_0", "gguf_q4_1"}  # every variant, median of 5
     assert all(len(s["runs"]) == 5 for s in point["speed"].values())
     markdown = Path(cfg.prune.summary_md).read_text()
     assert "| mlp@0.5 | pruned + LoRA recovery |" in markdown and "## Findings" in markdown
