@@ -12,15 +12,11 @@ import torch
 
 from loralab.config import Config
 from loralab.studies.records import RunRecord
-from loralab.studies.runner import in_fresh_process, run_trial
+from loralab.studies.runner import adapter_megabytes, in_fresh_process, run_trial
 from loralab.studies.space import Budget
 from loralab.util.resources import PeakRss
 
 SPEED_REPEATS = 5
-
-
-def safetensors_mb(model_dir: str | Path) -> float:
-    return round(sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors")) / 2**20, 2)
 
 
 def _quality(cfg: Config, model, tokenizer) -> dict:
@@ -91,7 +87,7 @@ def pruned_config(cfg: Config, pruned_dir: str | Path) -> Config:
 def measure_directory(cfg: Config, model_dir: str | Path, adapter_dir: str | Path | None = None) -> dict:
     """A pruned directory (with a recovery adapter on top, unmerged, when given)."""
     result = in_fresh_process(_measure_in_process, cfg, str(model_dir), str(adapter_dir) if adapter_dir else None, False, None)
-    return {**result, "size_mb": safetensors_mb(model_dir)}
+    return {**result, "size_mb": adapter_megabytes(model_dir)}  # model*.safetensors: the whole model
 
 
 def measure_source(cfg: Config, adapter_dir: str | Path | None) -> dict:

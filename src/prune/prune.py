@@ -123,6 +123,16 @@ def save_pruned(model: torch.nn.Module, tokenizer, out_dir: str | Path, report: 
     return Path(out_dir)
 
 
+def prune_to_directory(cfg: Config, adapter_dir: str | Path | None, method: str, sparsity: float, out: str | Path,
+                       extra: dict) -> dict:
+    """Load the source, prune it, write the directory (with `extra` in its report); the verb and the study."""
+    model, tokenizer, source_name = load_source(cfg, adapter_dir)
+    rows = load_split(cfg.data.out_dir, "train")[: cfg.prune.calibration_examples] if method != "magnitude" else []
+    report = {"source": source_name, **extra, **prune_model(model, tokenizer, method, sparsity, rows, cfg.train.max_length)}
+    save_pruned(model, tokenizer, out, report)
+    return report
+
+
 def prune(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
     """The verb: load, prune, write; then recovery and the test-split measurements when configured."""
     p = cfg.prune
@@ -130,12 +140,7 @@ def prune(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
     identity, out = prune_identity(cfg, adapter_dir), Path(p.out_dir)
     report = _reusable(out, identity)
     if report is None:
-        model, tokenizer, source_name = load_source(cfg, adapter_dir)
-        rows = load_split(cfg.data.out_dir, "train")[: p.calibration_examples] if p.method != "magnitude" else []
-        report = {"source": source_name, "identity": identity,
-                  **prune_model(model, tokenizer, p.method, p.sparsity, rows, cfg.train.max_length)}
-        save_pruned(model, tokenizer, out, report)
-        del model
+        report = prune_to_directory(cfg, adapter_dir, p.method, p.sparsity, out, {"identity": identity})
     else:
         print(f"{out}/ already holds this pruning; reusing it", flush=True)
     print(f"pruned {p.method} at {p.sparsity}: {report['parameters_before']:,} -> {report['parameters_after']:,} "

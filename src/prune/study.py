@@ -19,7 +19,7 @@ import torch
 
 from loralab.config import Config, parse_prune_point
 from loralab.prune.measure import SPEED_REPEATS, measure_directory, measure_gguf, measure_speeds, recover
-from loralab.prune.prune import check_adapter, load_source, prune_model, save_pruned
+from loralab.prune.prune import check_adapter, load_source, prune_to_directory, save_pruned
 from loralab.studies.runner import in_fresh_process
 from loralab.studies.writer import write_results
 from loralab.util import atomic_io
@@ -37,15 +37,10 @@ def slug(point: str) -> str:
 
 def _prune_to(cfg: Config, adapter_dir: str, point: str, out: Path) -> dict:
     """In its own process: load the source, prune it to `point`, write the directory."""
-    from loralab.data.prepare import load_split
-
-    model, tokenizer, source = load_source(cfg, adapter_dir)
-    if point == REFERENCE:  # saved like the others, so its size and load are measured the same way
-        report = {"source": source, "method": REFERENCE, "parameters_after": sum(p.numel() for p in model.parameters())}
-    else:
-        method, sparsity = parse_prune_point(point)
-        rows = load_split(cfg.data.out_dir, "train")[: cfg.prune.calibration_examples]
-        report = {"source": source, **prune_model(model, tokenizer, method, sparsity, rows, cfg.train.max_length)}
+    if point != REFERENCE:
+        return prune_to_directory(cfg, adapter_dir, *parse_prune_point(point), out, {})
+    model, tokenizer, source = load_source(cfg, adapter_dir)  # saved like the others: size and load measured alike
+    report = {"source": source, "method": REFERENCE, "parameters_after": sum(p.numel() for p in model.parameters())}
     save_pruned(model, tokenizer, out, report)
     return report
 
