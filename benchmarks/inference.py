@@ -1,33 +1,39 @@
-"""Inference throughput: naive PEFT `generate` at batch 1 versus `loralab serve`, in one run.
+"""Serving against llama.cpp's llama-server, the engine people run small GGUF models with on CPU.
 
-    python benchmarks/inference.py [--adapter lora] [--max-tokens 64] [--skip-load]
+    make llama-cpp && python benchmarks/inference.py [--clients 1,8,32] [--max-tokens 64]
 
-(a) naive: the unmerged PEFT model (base + the adapter), `model.generate` one request at a time,
-    greedy, fp32: what the PEFT docs show;
-(b) loralab serve with base + adapter (multi-LoRA: requests name the adapter per request) and
-    (c) loralab serve with the merged model, each at 1, 4, 8 and 16 concurrent clients using
-    the official `openai` client. The server runs in its own process on a free loopback port.
-Every request asks for exactly --max-tokens tokens (`ignore_eos`), so all paths produce the same
-number of tokens. Printed: total tokens/s, p50/p95 request latency, and the ratio to (a).
-Then a load run: 500 requests from 32 concurrent clients against the multi-LoRA server (queue
-bound 64): counts by status (zero 5xx expected), and the server's RSS before and after.
-Results go to benchmarks/results/inference.json. Timings on a shared 2-core CPU are noisy:
-compare the ratios printed by one run, with nothing else running.
+Same model and adapters on both engines, each server in its own process on a loopback port,
+streamed OpenAI chat completions, greedy, every request asking for exactly --max-tokens tokens
+(`ignore_eos`, which both honour), a warm-up request first:
+- llama-server (-t = all cores, -np = clients): the merged model as F16 and as Q8_0 GGUF; the F16
+  base GGUF with the adapter as a GGUF adapter (`--lora`); and with four adapters, each request
+  naming one of them (llama-server does not batch requests with different adapters together);
+- `loralab serve` (the torch engine, fp32 on a CPU without native bf16): merged, base + the
+  adapter, base + the four adapters mixed (one batch);
+- naive: PEFT `generate` at batch 1, unmerged, warmed up, in the torch engine's dtype.
+The four adapters are the committed lora/ and experiments/best/lora/, and a copy of each under
+another name (their weights do not change the speed; their names keep them apart).
+Printed per engine and client count: aggregate output tokens/s, time to first token p50/p99,
+inter-token latency p50/p99 (gaps between streamed tokens), and how many requests were answered;
+then the ratios to llama-server on the same setup. Written to benchmarks/results/inference_<class>.json
+with the CPU. Timings on a 2-core CPU are noisy: compare ratios from one run, nothing else running.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,196 +47,211 @@ PROMPTS = [
     "Define the phenotype 'Hepatomegaly'.",
     "What does the medical abbreviation 'NPO' stand for?",
 ]
+ADAPTERS = {"medical": "lora", "best": "experiments/best/lora", "medical2": "lora", "best2": "experiments/best/lora"}
 
 
-def naive(adapter: str, max_tokens: int, requests: int) -> dict:
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def stream_one(url: str, body: dict) -> dict:
+    """One streamed chat completion: when each token arrived, and whether it finished."""
+    parts = urllib.parse.urlparse(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=900)
+    started = time.perf_counter()
+    connection.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                       {"Content-Type": "application/json", "Authorization": "Bearer none"})
+    response = connection.getresponse()
+    arrivals, finished = [], False
+    if response.status == 200:
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data:") or line == b"data: [DONE]":
+                continue
+            for choice in json.loads(line[5:]).get("choices", []):
+                if (choice.get("delta") or {}).get("content"):
+                    arrivals.append(time.perf_counter() - started)
+                finished = finished or choice.get("finish_reason") is not None
+    connection.close()
+    return {"status": response.status, "finished": finished, "arrivals": arrivals}
+
+
+def load_level(url: str, clients: int, requests: int, max_tokens: int, body_of) -> dict:
+    """`requests` streamed requests from `clients` concurrent clients."""
+    def one(i: int) -> dict:
+        body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], **body_of(i)}
+        return stream_one(url, body)
+
+    stream_one(url, {"max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **body_of(0)})  # warm-up
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - started
+    answered = [a for a in answers if a["finished"] and a["arrivals"]]
+    gaps = [b - a for r in answered for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    ttft = [r["arrivals"][0] for r in answered]
+    return {"clients": clients, "requests": requests, "answered": len(answered), "tokens": max_tokens * len(answered),
+            "streamed_chunks": sum(len(r["arrivals"]) for r in answered), "wall_s": round(wall, 2),
+            "tokens_per_s": round(max_tokens * len(answered) / wall, 1),
+            "ttft_p50_s": round(_percentile(ttft, 0.5), 3), "ttft_p99_s": round(_percentile(ttft, 0.99), 3),
+            "itl_p50_ms": round(1000 * _percentile(gaps, 0.5), 1), "itl_p99_ms": round(1000 * _percentile(gaps, 0.99), 1)}
+
+
+def _wait(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"server did not start in {seconds:.0f} s")
+
+
+@contextmanager
+def loralab_server(args: list[str], max_batch: int):
+    from loralab.deploy.llama_cpp import free_port
+
+    port = free_port()
+    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    env = {**os.environ, "LORALAB_API_KEY": ""}
+    process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--port", str(port), "--set", "serve.max_queue=256",
+                                "--set", f"serve.max_batch={max_batch}", *args], cwd=REPO, env=env,
+                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        _wait(f"http://127.0.0.1:{port}", process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def naive(adapter: Path, max_tokens: int, requests: int) -> dict:
+    """PEFT generate at batch 1, unmerged, warmed up, in the dtype `loralab serve` decodes in here."""
     import torch
     from peft import PeftModel
 
     from loralab.config import Config
     from loralab.data.chat import ensure_chat_template, prompt_ids
-    from loralab.model_utils import load_base_model
+    from loralab.model_utils import load_base_model, resolve_autocast_dtype
 
-    loaded = load_base_model(Config().model, torch.device("cpu"))
+    cfg = Config()
+    loaded = load_base_model(cfg.model, torch.device("cpu"))
     ensure_chat_template(loaded.tokenizer)
     model = PeftModel.from_pretrained(loaded.model, adapter).eval()
-    latencies, tokens = [], 0
-    started = time.perf_counter()
-    with torch.no_grad():
+    dtype = resolve_autocast_dtype(cfg.model.precision, torch.device("cpu"))
+    ids = [torch.tensor([prompt_ids(loaded.tokenizer, [{"role": "user", "content": p}])]) for p in PROMPTS]
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype is not None else torch.no_grad()
+    with torch.no_grad(), autocast:
+        model.generate(ids[0], max_new_tokens=8, do_sample=False)  # warm-up
+        started = time.perf_counter()
         for i in range(requests):
-            ids = torch.tensor([prompt_ids(loaded.tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])])
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-            latencies.append(time.perf_counter() - t0)
-            tokens += out.shape[1] - ids.shape[1]
+            model.generate(ids[i % len(ids)], max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
     wall = time.perf_counter() - started
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, **_percentiles(latencies)}
+    return {"dtype": str(dtype or torch.float32), "requests": requests, "tokens_per_s": round(requests * max_tokens / wall, 1)}
 
 
-def llama_cpp(gguf_path: Path, max_tokens: int, requests: int) -> dict | None:
-    """The exported GGUF in llama.cpp, batch 1, when the optional llama-cpp-python is installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=str(gguf_path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
-    latencies, tokens = [], 0
-    started = time.perf_counter()
-    for i in range(requests):
-        t0 = time.perf_counter()
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                         max_tokens=max_tokens, temperature=0.0)
-        latencies.append(time.perf_counter() - t0)
-        tokens += out["usage"]["completion_tokens"]
-    wall = time.perf_counter() - started
-    return {"gguf": str(gguf_path), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, **_percentiles(latencies)}
+def write_models(work: Path) -> dict[str, Path]:
+    """The GGUF files llama-server reads and the merged directory `loralab serve` reads, from the committed adapters."""
+    import torch
 
+    from loralab.config import Config
+    from loralab.data.chat import ensure_chat_template
+    from loralab.deploy.export import _source_pre_tokenizer
+    from loralab.deploy.gguf import write_gguf
+    from loralab.deploy.gguf_lora import write_gguf_lora
+    from loralab.model_utils import load_base_model, merge_to_directory
 
-def _percentiles(latencies: list[float]) -> dict:
-    ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]  # noqa: E731
-    return {"p50_s": round(pick(0.5), 3), "p95_s": round(pick(0.95), 3)}
+    cfg = Config()
+    loaded = load_base_model(cfg.model, torch.device("cpu"))
+    ensure_chat_template(loaded.tokenizer)
+    pre = _source_pre_tokenizer(loaded.local_dir)
+    paths = {"base_f16": write_gguf(loaded.model, loaded.tokenizer, work / "base.F16.gguf", "f16", "base", pre)}
+    for name, adapter in ADAPTERS.items():
+        paths[f"lora_{name}"] = write_gguf_lora(REPO / adapter, loaded.model.config, work / f"{name}.lora.gguf")
+    paths["merged"] = merge_to_directory(cfg.model, REPO / ADAPTERS["medical"], work / "merged")
+    from transformers import AutoModelForCausalLM
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    def __init__(self, *args: str):
-        self.port = _free_port()
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        env = {**os.environ, "LORALAB_API_KEY": ""}
-        self.process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--port", str(self.port),
-                                         "--set", "serve.max_queue=64", "--set", "serve.max_batch=16", *args],
-                                        cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except OSError:
-                if self.process.poll() is not None:
-                    raise SystemExit(f"server exited: {Path(self.log.name).read_text()[-2000:]}") from None
-                time.sleep(0.3)
-        raise SystemExit("server did not start in 180 s")
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
-
-
-def concurrent_run(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-
-    def one(i: int) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        r = client.chat.completions.create(model=model, max_tokens=max_tokens, extra_body={"ignore_eos": True},
-                                           messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        return time.perf_counter() - t0, r.usage.completion_tokens
-
-    client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])  # warm-up
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
-    tokens = sum(n for _, n in results)
-    return {"clients": clients, "requests": requests, "tokens": tokens, "wall_s": round(wall, 2),
-            "tokens_per_s": tokens / wall, **_percentiles([t for t, _ in results])}
-
-
-def load_run(server: Server, model: str, requests: int, clients: int, max_tokens: int) -> dict:
-    body = json.dumps({"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": PROMPTS[0]}]}).encode()
-
-    def one(_: int) -> int:
-        request = urllib.request.Request(server.url + "/v1/chat/completions", data=body,
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                response.read()
-                return response.status
-        except urllib.error.HTTPError as error:
-            return error.code
-        except OSError:
-            return -1  # no answer at all: counted, never hidden
-
-    rss_before = _rss_mb(server.process.pid)
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        statuses = list(pool.map(one, range(requests)))
-    wall = time.perf_counter() - started
-    counts = {str(s): statuses.count(s) for s in sorted(set(statuses))}
-    return {"requests": requests, "clients": clients, "max_tokens": max_tokens, "wall_s": round(wall, 1), "status_counts": counts,
-            "server_rss_mb_before": round(rss_before, 1), "server_rss_mb_after": round(_rss_mb(server.process.pid), 1)}
+    merged = AutoModelForCausalLM.from_pretrained(paths["merged"], dtype=torch.float32)
+    for qtype in ("f16", "q8_0"):
+        paths[f"merged_{qtype}"] = write_gguf(merged, loaded.tokenizer, work / f"merged.{qtype}.gguf", qtype, "merged", pre)
+    return paths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--adapter", default="lora")
+    parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--skip-load", action="store_true")
+    parser.add_argument("--requests-per-client", type=int, default=2)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.chdir(REPO)  # the config's relative paths (models/base_model, lora) are the repository's
-    levels = [int(c) for c in args.concurrency.split(",")]
-    results: dict = {"max_tokens": args.max_tokens, "cpu_count": os.cpu_count()}
+    from loralab.deploy.llama_cpp import llama_server, require
+    from loralab.util.cpu import cpu_profile
 
-    print("naive: unmerged PEFT, generate at batch 1 ...", flush=True)
-    results["naive"] = naive(str(REPO / args.adapter), args.max_tokens, requests=8)
-    base = results["naive"]["tokens_per_s"]
-    print(f"  {base:.1f} tokens/s, p50 {results['naive']['p50_s']} s", flush=True)
-
-    from loralab.config import Config
-    from loralab.model_utils import merge_to_directory
-
-    merged_dir = Path(tempfile.mkdtemp(prefix="loralab-merged-"))
-    merge_to_directory(Config().model, REPO / args.adapter, merged_dir / "merged")
-    modes = {"multi-lora": (["--adapter", f"medical={REPO / args.adapter}"], "medical"),
-             "merged": (["--merged", str(merged_dir / "merged")], "merged")}
-    for mode, (server_args, model_id) in modes.items():
-        server = Server(*server_args)
-        try:
-            results[mode] = []
+    require()
+    levels = [int(c) for c in args.clients.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="loralab-inference-"))
+    results: dict = {"command": "python benchmarks/inference.py " + " ".join(sys.argv[1:]), "cpu": cpu_profile(),
+                     "max_tokens": args.max_tokens, "requests_per_client": args.requests_per_client, "runs": {}}
+    try:
+        paths = write_models(work)
+        names = list(ADAPTERS)
+        one = lambda i: {}  # noqa: E731
+        llama_mix = lambda i: {"lora": [{"id": i % 4, "scale": 1.0}]}  # noqa: E731
+        setups = {
+            "llama-server merged F16": (lambda n: llama_server(paths["merged_f16"], parallel=n), one),
+            "llama-server merged Q8_0": (lambda n: llama_server(paths["merged_q8_0"], parallel=n), one),
+            "llama-server F16 base + 1 adapter": (
+                lambda n: llama_server(paths["base_f16"], [paths["lora_medical"]], parallel=n), one),
+            "llama-server F16 base + 4 adapters mixed": (
+                lambda n: llama_server(paths["base_f16"], [paths[f"lora_{a}"] for a in names], parallel=n), llama_mix),
+            "loralab merged": (lambda n: loralab_server(["--merged", str(paths["merged"])], n), lambda i: {"model": "merged"}),
+            "loralab base + 1 adapter": (lambda n: loralab_server(["--adapter", f"medical={REPO / ADAPTERS['medical']}"], n),
+                                         lambda i: {"model": "medical"}),
+            "loralab base + 4 adapters mixed": (
+                lambda n: loralab_server([x for a in names for x in ("--adapter", f"{a}={REPO / ADAPTERS[a]}")], n),
+                lambda i: {"model": names[i % 4]}),
+        }
+        for setup, (start, body_of) in setups.items():
+            results["runs"][setup] = []
             for clients in levels:
-                run = concurrent_run(server.url, model_id, clients, max(8, 2 * clients), args.max_tokens)
-                run["speedup_vs_naive"] = run["tokens_per_s"] / base
-                results[mode].append(run)
-                print(f"{mode} x{clients}: {run['tokens_per_s']:.1f} tokens/s ({run['speedup_vs_naive']:.2f}x naive), "
-                      f"p50 {run['p50_s']} s, p95 {run['p95_s']} s", flush=True)
-            if mode == "multi-lora" and not args.skip_load:
-                results["load"] = load_run(server, model_id, requests=500, clients=32, max_tokens=16)
-                print(f"load: {results['load']}", flush=True)
-        finally:
-            server.close()
-    gguf_files = sorted((REPO / "models" / "fine_tuned_model").glob("*.Q8_0.gguf"))
-    if gguf_files:
-        results["llama_cpp"] = llama_cpp(gguf_files[0], args.max_tokens, requests=8)
-        print(
-            "llama.cpp: "
-            + (
-                f"{results['llama_cpp']['tokens_per_s']:.1f} tokens/s (stops at end of turn; no ignore_eos)"
-                if results["llama_cpp"]
-                else "skipped (pip install llama-cpp-python: compiles ~13 min)"
-            ),
-            flush=True,
-        )
-    out = REPO / "benchmarks" / "results" / "inference.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+                with start(clients) as url:
+                    run = load_level(url, clients, max(4, args.requests_per_client * clients), args.max_tokens, body_of)
+                results["runs"][setup].append(run)
+                print(f"{setup:42s} x{clients:<3d} {run['tokens_per_s']:7.1f} tok/s  TTFT p50/p99 {run['ttft_p50_s']}/"
+                      f"{run['ttft_p99_s']} s  ITL p50/p99 {run['itl_p50_ms']}/{run['itl_p99_ms']} ms  "
+                      f"answered {run['answered']}/{run['requests']}", flush=True)
+        results["naive"] = naive(REPO / ADAPTERS["medical"], args.max_tokens, requests=8)
+        print(f"naive PEFT generate, batch 1, {results['naive']['dtype']}: {results['naive']['tokens_per_s']} tok/s", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["ratios"] = ratios(results["runs"], levels)
+    for line in results["ratios"]["lines"]:
+        print(line)
+    out = REPO / "benchmarks" / "results" / f"inference_{results['cpu']['class']}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")
+
+
+def ratios(runs: dict, levels: list[int]) -> dict:
+    """loralab's torch engine against llama-server on the same setup, per client count."""
+    pairs = {"merged": ("loralab merged", "llama-server merged F16"),
+             "1 adapter": ("loralab base + 1 adapter", "llama-server F16 base + 1 adapter"),
+             "4 adapters mixed": ("loralab base + 4 adapters mixed", "llama-server F16 base + 4 adapters mixed")}
+    table, lines = {}, ["loralab (torch engine) / llama-server, aggregate tokens/s and TTFT p99:"]
+    for label, (ours, theirs) in pairs.items():
+        for i, clients in enumerate(levels):
+            a, b = runs[ours][i], runs[theirs][i]
+            entry = {"tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 2),
+                     "ttft_p99": round(a["ttft_p99_s"] / b["ttft_p99_s"], 2) if b["ttft_p99_s"] else None}
+            table[f"{label} x{clients}"] = entry
+            lines.append(f"  {label:18s} x{clients:<3d} tokens/s {entry['tokens_per_s']:.2f}x  TTFT p99 {entry['ttft_p99']}x")
+    return {"table": table, "lines": lines}
 
 
 if __name__ == "__main__":

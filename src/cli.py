@@ -9,7 +9,7 @@
     loralab sweep    [--quick]                  # one factor at a time; experiments/sensitivity.json
     loralab merge    [--adapter DIR] [--out DIR] # base + adapter as one plain HF model directory
     loralab export   [--adapter DIR] [--formats merged,gguf-q8_0,...] [--no-evaluate]
-                                                # merged / GGUF / int8, verified; experiments/export_report.md
+                                                # merged / GGUF / GGUF adapter + Modelfile, verified; experiments/export_report.md
     loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--host H] [--port P]
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
@@ -240,9 +240,9 @@ VERBS: tuple[Verb, ...] = (
         flag("--report-only", action="store_true", help="rewrite the results, table and plots from the study; no training"),
     )),
     Verb("sweep", "sensitivity: one factor at a time around the config (sweep.factors)", run_sweep),
-    Verb("export", "merged safetensors, GGUF (F16/Q8_0/Q4_0) and int8, each verified", run_export, (
+    Verb("export", "merged safetensors, GGUF (F16/Q8_0/Q4_1) and a llama.cpp/Ollama adapter, each verified", run_export, (
         ADAPTER_DIR,
-        flag("--formats", help="comma-separated: merged,gguf-f16,gguf-q8_0,gguf-q4_0,int8 (default: all)"),
+        flag("--formats", help="some of merged,gguf-f16,gguf-q8_0,gguf-q4_1,gguf-q4_0,gguf-lora (default: export.formats)"),
         flag("--out", sets="export.out_dir", help="output directory (default: export.out_dir)"),
         flag("--no-evaluate", sets="export.evaluate", action="store_const", const=False,
              help="verify only; skip the test-split measurements"),

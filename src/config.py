@@ -38,7 +38,7 @@ Sampler = Literal["tpe", "grid", "random"]
 Pruner = Literal["median", "hyperband", "none"]
 PruneMethod = Literal["magnitude", "wanda", "wanda-2:4", "heads", "mlp", "layers"]
 PruneSource = Literal["merged", "base"]
-ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "int8", "int8-dynamic"]
+ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-lora"]
 
 # Field metadata of a setting that changes where or how fast a run goes, never what it learns or
 # measures (paths, the device, speed switches): it stays out of `run_identity`.
@@ -356,7 +356,7 @@ class ServeConfig(Section):
     # start; the base model is served under its own id. Requests can never load other paths.
     adapters: dict[str, str] = field(default_factory=lambda: {"medical": "lora"})
     merged_model: str = ""  # a merged HF directory (loralab export) to serve instead of base + adapters
-    int8: bool = False  # dynamic int8 quantization of the Linear layers (merged model only)
+    int8: bool = False  # weight-only int8 Linear layers, applied at load (merged model only)
     api_key_env: str = "LORALAB_API_KEY"  # when this variable is set, every /v1 request needs the key
     max_prompt_tokens: int = 1024  # longer prompts: 413
     max_tokens_limit: int = 512  # max_tokens above this: 400
@@ -382,7 +382,7 @@ class ExportConfig(Section):
     name: ClassVar[str] = "export"
 
     out_dir: str = "models/fine_tuned_model"  # merged/, gguf files
-    formats: list[ExportFormat] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "int8"])
+    formats: list[ExportFormat] = field(default_factory=lambda: ["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-lora"])
     evaluate: bool = True  # measure every format on the test split (perplexity, accuracy, speed)
     generation_per_task: int = 10
     speed_tokens: int = 64  # greedy tokens at batch 1 for the tokens/s column

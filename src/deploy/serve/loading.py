@@ -10,8 +10,8 @@ from pathlib import Path
 
 from loralab.config import Config, ServeConfig
 from loralab.data.chat import ensure_chat_template
-from loralab.deploy.export import quantize_int8
 from loralab.deploy.serve.engine import Engine
+from loralab.deploy.serve.int8 import quantize_int8
 from loralab.deploy.serve.protocol import Limits
 from loralab.model_utils import load_base_model, resolve_autocast_dtype, resolve_device
 from loralab.util.errors import LoralabError
