@@ -12,8 +12,7 @@ run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled 
 quick: $(STAMP)  ## the same pipeline in about 2 minutes, under runs/quick/
 	$(BIN)/loralab run --quick
 
-test: lint  ## lint, then the whole suite (tiny models + SmolLM2 end to end; llama.cpp tests last)
-	$(BIN)/python -m loralab.deploy.llama_cpp --background  # llama-server, once per machine, at low priority while the tests run
+test: lint llama-cpp  ## lint, llama.cpp (built once per machine), then the whole suite (tiny models, SmolLM2, llama.cpp)
 	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(STAMP)  ## unit tests only

@@ -367,6 +367,9 @@ class ServeConfig(Section):
     batch_wait_ms: float = 50.0
     max_queue: int = 64  # waiting requests beyond this: 429, never an unbounded backlog
     request_timeout_s: float = 120.0  # 504 when a request has not finished by then
+    # On SIGTERM or Ctrl-C: new connections are refused at once, requests in flight get this long to
+    # finish (uvicorn's graceful shutdown) before they are cancelled.
+    shutdown_grace_s: float = 120.0
     max_body_bytes: int = 1_000_000
 
     def check_ranges(self) -> None:
@@ -375,6 +378,7 @@ class ServeConfig(Section):
             self._at_least(key, 1)
         self._at_least("batch_wait_ms", 0)
         self._at_least("request_timeout_s", 0, exclusive=True)
+        self._at_least("shutdown_grace_s", 0)
 
 
 @dataclass

@@ -95,7 +95,3 @@ def tiny_config(tmp_path, tiny_llama_dir) -> Config:
     prepare_dataset(cfg.data)
     return cfg
 
-
-def pytest_collection_modifyitems(items):
-    """The llama.cpp tests run last: `make test` builds llama-server in the background meanwhile."""
-    items.sort(key=lambda item: item.path.name == "test_llama_cpp.py")  # stable: every other test keeps its order

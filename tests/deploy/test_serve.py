@@ -186,3 +186,65 @@ def test_serve_refuses_adapters_that_are_not_safetensors_before_binding(tiny_lla
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("loralab: error: serve.adapters.x:")
     assert "only safetensors" in result.stderr
+
+
+def _start_server(tiny_llama_dir, root, **serve) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    config = {"model": {"name_or_path": str(tiny_llama_dir), "cache_dir": str(root / "models"), "precision": "fp32"},
+              "serve": {"port": port, "adapters": {}, "max_tokens_limit": 512, "max_batch": 8, **serve}}
+    (root / "serve.yaml").write_text(yaml.safe_dump(config))
+    process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--config", str(root / "serve.yaml")],
+                               stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+                               env={k: v for k, v in os.environ.items() if k != "LORALAB_API_KEY"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1)
+            return process, url
+        except OSError:
+            assert process.poll() is None, (root / "server.log").read_text()
+            time.sleep(0.2)
+    raise AssertionError("server did not start")
+
+
+def _streams_across_sigterm(process, url: str, model: str, clients: int = 8) -> list[str | None]:
+    """`clients` long streamed requests; SIGTERM once each has its first token; each one's finish reason."""
+    import threading
+
+    started = threading.Barrier(clients + 1, timeout=60)
+
+    def one(i: int) -> str | None:
+        body = json.dumps({"model": model, "prompt": f"Count {i}", "max_tokens": 512, "ignore_eos": True, "stream": True})
+        request = urllib.request.Request(url + "/v1/completions", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})
+        finish, first = None, True
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                for line in response:
+                    if first:
+                        first = False
+                        started.wait()
+                    if line.startswith(b"data: {"):
+                        finish = json.loads(line[6:])["choices"][0].get("finish_reason") or finish
+        except (OSError, ValueError):
+            pass
+        return finish
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(one, i) for i in range(clients)]
+        started.wait()
+        process.terminate()  # SIGTERM while every request is mid-stream
+        reasons = [f.result() for f in futures]
+    assert process.wait(timeout=120) in (0, -15)  # uvicorn re-raises SIGTERM once it has drained
+    return reasons
+
+
+def test_sigterm_lets_requests_in_flight_finish_within_the_grace(tiny_llama_dir, tmp_path):
+    (tmp_path / "graceful").mkdir()
+    process, url = _start_server(tiny_llama_dir, tmp_path / "graceful", shutdown_grace_s=120)
+    assert _streams_across_sigterm(process, url, tiny_llama_dir.name) == ["length"] * 8
+    # The control: with no grace, the same requests are cut off (so the test above can fail).
+    (tmp_path / "abrupt").mkdir()
+    process, url = _start_server(tiny_llama_dir, tmp_path / "abrupt", shutdown_grace_s=0)
+    assert _streams_across_sigterm(process, url, tiny_llama_dir.name).count("length") < 8

@@ -36,14 +36,11 @@ N_TOKENS = 24
 TOP1_BOUNDS = {"gguf-q8_0": 0.85, "gguf-q4_1": 0.85, "q4_1 base + lora": 0.9}
 
 
-
 @pytest.fixture(scope="module")
 def llama_server_built():
-    """`make test` builds llama-server in the background while the suite runs (these tests run last): wait for it."""
-    if llama_cpp.wait_for_build() is None:
-        log = llama_cpp.build_dir() / "build.log"
-        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.is_file() else []
-        message = f"llama-server is not built: `make llama-cpp` {' | '.join(tail)}"
+    """`make test` builds llama-server first (`make llama-cpp`, once per machine)."""
+    if llama_cpp.binary() is None:
+        message = "llama-server is not built: run `make llama-cpp`"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{message} (CI=true fails instead of skipping)", pytrace=False)
         pytest.skip(message)

@@ -294,6 +294,7 @@ def serve(cfg: Config) -> None:
     print(f"serving {served.base_id}" + (f" + adapters {', '.join(served.adapters)}" if served.adapters else "")
           + f" on http://{s.host}:{s.port}/v1; {key_note}", flush=True)
     try:
-        uvicorn.run(app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=5)
+        # The engine keeps decoding while uvicorn drains, so requests in flight finish within the grace.
+        uvicorn.run(app, host=s.host, port=s.port, log_level="warning", timeout_graceful_shutdown=s.shutdown_grace_s)
     finally:
         served.engine.stop()
