@@ -13,10 +13,10 @@ quick: $(STAMP)  ## the same pipeline in about 2 minutes, under runs/quick/
 	$(BIN)/loralab run --quick
 
 test: lint llama-cpp  ## lint, llama.cpp (built once per machine), then the whole suite (tiny models, SmolLM2, llama.cpp)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15  # one worker per core; a module's tests stay together
 
 test-fast: $(STAMP)  ## unit tests only
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -n auto --dist loadscope -m "not e2e"
 
 lint: $(STAMP)  ## ruff, configured in pyproject.toml
 	$(BIN)/ruff check .

@@ -145,11 +145,12 @@ def resolve_model_dir(cfg: ModelConfig) -> tuple[Path, str]:
             raise LoralabError(f"{path}: expected a .gguf file or a Hugging Face model directory")
         gguf_path, public_name = path, path.stem
     cache_dir = Path(cfg.cache_dir) / re.sub(r"[^A-Za-z0-9_.-]+", "-", gguf_path.stem.split(".")[0])
-    atomic_io.recover_dir(cache_dir)
-    source = cache_dir / "loralab_source.json"
-    fresh = source.is_file() and json.loads(source.read_text()).get("size") == gguf_path.stat().st_size
-    if not fresh:
-        _convert_gguf(gguf_path, cache_dir)
+    with atomic_io.file_lock(cache_dir.with_name(f".{cache_dir.name}.lock")):  # processes starting together convert once
+        atomic_io.recover_dir(cache_dir)
+        source = cache_dir / "loralab_source.json"
+        fresh = source.is_file() and json.loads(source.read_text()).get("size") == gguf_path.stat().st_size
+        if not fresh:
+            _convert_gguf(gguf_path, cache_dir)
     return cache_dir, public_name
 
 

@@ -162,8 +162,6 @@ def _checked_formats(requested: list[str]) -> list[str]:
 
 
 def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str] | None = None) -> dict:
-    from transformers import AutoModelForCausalLM
-
     from loralab.data.chat import ensure_chat_template
     from loralab.deploy.gguf import write_gguf
     from loralab.deploy.gguf_lora import read_peft_adapter, write_gguf_lora
@@ -196,17 +194,7 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
     model_config = loaded.model.config
     del loaded  # keep one model in memory at a time
 
-    quantized = [f for f in formats if f.startswith("gguf-") and f != "gguf-lora"]
-    if quantized:
-        merged = AutoModelForCausalLM.from_pretrained(artifacts["merged"], dtype=torch.float32).eval()
-        targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
-        adapted = {t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets)}
-        for fmt in quantized:
-            qtype = fmt.split("-", 1)[1]
-            path = out / f"{name}.{qtype.upper()}.gguf"
-            print(f"writing {path}", flush=True)
-            artifacts[fmt] = write_gguf(merged, tokenizer, path, qtype, name, _source_pre_tokenizer(base_dir), adapted)
-        del merged
+    artifacts.update(_write_merged_ggufs(cfg, formats, adapter_dir, artifacts["merged"], tokenizer, name, base_dir))
     if "gguf-lora" in formats:
         artifacts["gguf-lora"] = write_gguf_lora(adapter_dir, model_config, out / f"{name}.lora.gguf")
         write_modelfile(out, base_gguf, artifacts["gguf-lora"])
@@ -232,11 +220,33 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
     return results
 
 
+def _write_merged_ggufs(cfg: Config, formats: list[str], adapter_dir: Path, merged_dir: Path, tokenizer, name: str,
+                        base_dir: Path) -> dict[str, Path]:
+    """One GGUF of the merged model per requested type; the adapter's matrices stay Q8_0 in 4-bit files."""
+    from transformers import AutoModelForCausalLM
+
+    from loralab.deploy.gguf import write_gguf
+
+    quantized = [f for f in formats if f.startswith("gguf-") and f != "gguf-lora"]
+    if not quantized:
+        return {}
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    targets = json.loads((adapter_dir / "adapter_config.json").read_text()).get("target_modules") or []
+    adapted = {t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets)}
+    written = {}
+    for fmt in quantized:
+        qtype = fmt.split("-", 1)[1]
+        path = Path(cfg.export.out_dir) / f"{name}.{qtype.upper()}.gguf"
+        print(f"writing {path}", flush=True)
+        written[fmt] = write_gguf(merged, tokenizer, path, qtype, name, _source_pre_tokenizer(base_dir), adapted)
+    return written
+
+
 def _check_format(cfg: Config, fmt: str, artifacts: dict[str, Path], pairs, reference: torch.Tensor,
                   adapter_effect: float, rows: list[dict] | None) -> dict:
-    model, tokenizer, load_s = _load_format(cfg, fmt, artifacts)
     from loralab.data.chat import ensure_chat_template
 
+    model, tokenizer, load_s = _load_format(cfg, fmt, artifacts)
     ensure_chat_template(tokenizer)
     check = verify(fmt, reference, answer_logprobs(model, tokenizer, pairs), adapter_effect)
     entry = {"path": str(artifacts[fmt]), "size_mb": _dir_size_mb(artifacts[fmt]), "load_seconds": round(load_s, 2),

@@ -54,8 +54,10 @@ def _scaling(config: dict, module_key: str, rank: int) -> float:
     return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
 
 
-def lora_pairs(config: dict, tensors: dict[str, torch.Tensor], model_config,
-               ) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+LoraPair = tuple[str, torch.Tensor, torch.Tensor, float]  # GGUF base name, A, B, scale
+
+
+def lora_pairs(config: dict, tensors: dict[str, torch.Tensor], model_config) -> list[LoraPair]:
     """(GGUF base name, A, B, scale) per adapted matrix, B's rows permuted like the base GGUF's Q/K."""
     pairs = []
     for key, a in sorted(tensors.items()):

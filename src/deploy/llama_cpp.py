@@ -12,7 +12,6 @@ reuses it. `python -m loralab.deploy.llama_cpp` does the build (the Makefile's `
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from loralab.util import atomic_io
 from loralab.util.cpu import read_cpuinfo
 from loralab.util.errors import LoralabError
 
@@ -97,22 +97,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """One build at a time per folder: a second `make llama-cpp` waits for the first, then reuses it."""
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build(targets: tuple[str, ...] = TARGETS) -> Path:
     """Build (or reuse) the targets; returns the folder holding the programs."""
     root = build_dir()
-    with _build_lock(root):
+    with atomic_io.file_lock(root / ".lock"):  # a second `make llama-cpp` waits, then reuses
         if all(binary(t) is not None for t in targets) and not os.environ.get("LORALAB_LLAMA_CPP_BIN"):
             print(f"llama.cpp {VERSION}: reusing {root / 'bin'}", flush=True)
             return root / "bin"

@@ -139,3 +139,19 @@ def staged_dir(dest: str | Path) -> Iterator[Path]:
         shutil.rmtree(staged, ignore_errors=True)
         raise
     replace_dir(staged, dest)
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock on `path`): the second to arrive waits, then
+    finds the first one's finished work (a converted model, a built program) instead of redoing it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
