@@ -114,7 +114,7 @@ def _wait(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) 
 
 @contextmanager
 def loralab_server(args: list[str], max_batch: int):
-    from loralab.deploy.llama_cpp import free_port
+    from loralab.util.net import free_port
 
     port = free_port()
     log = Path(tempfile.mkstemp(suffix=".log")[1])

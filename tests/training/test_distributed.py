@@ -17,8 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loralab.training.recipe import train
-
-from helpers.postgres_server import free_port
+from loralab.util.net import free_port
 
 STEPS = 200  # long enough that a signal sent after the first checkpoint lands mid-run on any machine
 
