@@ -8,8 +8,10 @@ streamed OpenAI chat completions, greedy, every request asking for exactly --max
 - llama-server (-t = all cores, -np = clients): the merged model as F16 and as Q8_0 GGUF; the F16
   base GGUF with the adapter as a GGUF adapter (`--lora`); and with four adapters, each request
   naming one of them (llama-server does not batch requests with different adapters together);
-- `loralab serve` (the torch engine, fp32 on a CPU without native bf16): merged, base + the
-  adapter, base + the four adapters mixed (one batch);
+- `loralab serve --engine torch` (continuous batching; fp32 on a CPU without native bf16): merged,
+  base + the adapter, base + the four adapters mixed (in one batch);
+- `loralab serve --engine llama.cpp` (llama-server behind loralab's gateway, F16 GGUF written by
+  loralab): the same three setups, to measure what the gateway costs;
 - naive: PEFT `generate` at batch 1, unmerged, warmed up, in the torch engine's dtype.
 The four adapters are the committed lora/ and experiments/best/lora/, and a copy of each under
 another name (their weights do not change the speed; their names keep them apart).
@@ -130,6 +132,16 @@ def loralab_server(args: list[str], max_batch: int):
         process.wait(timeout=60)
 
 
+def loralab_setups(engine: str, merged: Path, names: list[str]) -> dict:
+    """`loralab serve --engine ENGINE`: merged, base + one adapter, base + four adapters mixed."""
+    run = lambda args: lambda n: loralab_server(["--engine", engine, *args], n)  # noqa: E731
+    four = [x for a in names for x in ("--adapter", f"{a}={REPO / ADAPTERS[a]}")]
+    return {f"loralab {engine} merged": (run(["--merged", str(merged)]), lambda i: {"model": "merged"}),
+            f"loralab {engine} base + 1 adapter": (run(["--adapter", f"medical={REPO / ADAPTERS['medical']}"]),
+                                                   lambda i: {"model": "medical"}),
+            f"loralab {engine} base + 4 adapters mixed": (run(four), lambda i: {"model": names[i % 4]})}
+
+
 def naive(adapter: Path, max_tokens: int, requests: int) -> dict:
     """PEFT generate at batch 1, unmerged, warmed up, in the dtype `loralab serve` decodes in here."""
     import torch
@@ -210,13 +222,9 @@ def main() -> None:
                 lambda n: llama_server(paths["base_f16"], [paths["lora_medical"]], parallel=n), one),
             "llama-server F16 base + 4 adapters mixed": (
                 lambda n: llama_server(paths["base_f16"], [paths[f"lora_{a}"] for a in names], parallel=n), llama_mix),
-            "loralab merged": (lambda n: loralab_server(["--merged", str(paths["merged"])], n), lambda i: {"model": "merged"}),
-            "loralab base + 1 adapter": (lambda n: loralab_server(["--adapter", f"medical={REPO / ADAPTERS['medical']}"], n),
-                                         lambda i: {"model": "medical"}),
-            "loralab base + 4 adapters mixed": (
-                lambda n: loralab_server([x for a in names for x in ("--adapter", f"{a}={REPO / ADAPTERS[a]}")], n),
-                lambda i: {"model": names[i % 4]}),
         }
+        for engine in ("torch", "llama.cpp"):
+            setups |= loralab_setups(engine, paths["merged"], names)
         for setup, (start, body_of) in setups.items():
             results["runs"][setup] = []
             for clients in levels:
@@ -239,18 +247,20 @@ def main() -> None:
 
 
 def ratios(runs: dict, levels: list[int]) -> dict:
-    """loralab's torch engine against llama-server on the same setup, per client count."""
-    pairs = {"merged": ("loralab merged", "llama-server merged F16"),
-             "1 adapter": ("loralab base + 1 adapter", "llama-server F16 base + 1 adapter"),
-             "4 adapters mixed": ("loralab base + 4 adapters mixed", "llama-server F16 base + 4 adapters mixed")}
-    table, lines = {}, ["loralab (torch engine) / llama-server, aggregate tokens/s and TTFT p99:"]
-    for label, (ours, theirs) in pairs.items():
-        for i, clients in enumerate(levels):
-            a, b = runs[ours][i], runs[theirs][i]
-            entry = {"tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 2),
-                     "ttft_p99": round(a["ttft_p99_s"] / b["ttft_p99_s"], 2) if b["ttft_p99_s"] else None}
-            table[f"{label} x{clients}"] = entry
-            lines.append(f"  {label:18s} x{clients:<3d} tokens/s {entry['tokens_per_s']:.2f}x  TTFT p99 {entry['ttft_p99']}x")
+    """Each loralab engine against llama-server alone on the same setup, per client count."""
+    theirs = {"merged": "llama-server merged F16", "1 adapter": "llama-server F16 base + 1 adapter",
+              "4 adapters mixed": "llama-server F16 base + 4 adapters mixed"}
+    table, lines = {}, []
+    for engine in ("torch", "llama.cpp"):
+        lines.append(f"loralab --engine {engine} / llama-server, aggregate tokens/s and TTFT p99:")
+        for label, baseline in theirs.items():
+            ours = f"loralab {engine} {'merged' if label == 'merged' else 'base + ' + label}"
+            for i, clients in enumerate(levels):
+                a, b = runs[ours][i], runs[baseline][i]
+                entry = {"tokens_per_s": round(a["tokens_per_s"] / b["tokens_per_s"], 2),
+                         "ttft_p99": round(a["ttft_p99_s"] / b["ttft_p99_s"], 2) if b["ttft_p99_s"] else None}
+                table[f"{engine} {label} x{clients}"] = entry
+                lines.append(f"  {label:18s} x{clients:<3d} tokens/s {entry['tokens_per_s']:.2f}x  TTFT p99 {entry['ttft_p99']}x")
     return {"table": table, "lines": lines}
 
 

@@ -10,7 +10,7 @@
     loralab merge    [--adapter DIR] [--out DIR] # base + adapter as one plain HF model directory
     loralab export   [--adapter DIR] [--formats merged,gguf-q8_0,...] [--no-evaluate]
                                                 # merged / GGUF / GGUF adapter + Modelfile, verified; experiments/export_report.md
-    loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--host H] [--port P]
+    loralab serve    [--adapter NAME=DIR ...] [--merged DIR] [--engine auto|torch|llama.cpp|vllm] [--host H] [--port P]
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
     loralab domains  [--quick]                  # specialists + mixture, cross-evaluated; experiments/domain_transfer.md
@@ -39,7 +39,7 @@ from typing import Any
 
 import yaml
 
-from loralab.config import Config, PruneMethod, PruneSource, choices, load_config
+from loralab.config import Config, PruneMethod, PruneSource, ServeEngine, choices, load_config
 from loralab.util.errors import LoralabError
 from loralab.util.library_noise import quiet_library_noise
 
@@ -251,6 +251,8 @@ VERBS: tuple[Verb, ...] = (
         flag("--adapter", sets="serve.adapters", convert=adapter_pairs, dest="adapters", action="append", metavar="NAME=DIR",
              help="serve an adapter under model id NAME (repeatable; replaces serve.adapters)"),
         flag("--merged", sets="serve.merged_model", help="serve a merged model directory instead of base + adapters"),
+        flag("--engine", sets="serve.engine", choices=choices(ServeEngine),
+             help="auto (default): llama.cpp where it is built and can serve the model, else torch"),
         flag("--host", sets="serve.host", help="bind address (default 127.0.0.1)"),
         flag("--port", sets="serve.port", type=int),
     )),

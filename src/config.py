@@ -34,6 +34,7 @@ MethodName = Literal["lora", "rslora", "dora", "pissa", "olora", "loraplus", "ad
 LrScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
                       "inverse_sqrt"]
 Split = Literal["train", "eval", "test"]
+ServeEngine = Literal["auto", "torch", "llama.cpp", "vllm"]
 Sampler = Literal["tpe", "grid", "random"]
 Pruner = Literal["median", "hyperband", "none"]
 PruneMethod = Literal["magnitude", "wanda", "wanda-2:4", "heads", "mlp", "layers"]
@@ -350,6 +351,10 @@ class SweepConfig(Section):
 class ServeConfig(Section):
     name: ClassVar[str] = "serve"
 
+    # auto: llama.cpp's llama-server fronted by loralab where llama.cpp is built (make llama-cpp) and
+    # can express the model and adapters in GGUF, else the built-in torch engine (which also batches
+    # requests for different adapters together); vllm: hands the same adapters to `vllm serve`.
+    engine: ServeEngine = "auto"
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
     # Model ids a request may name, each a LoRA adapter directory (safetensors only), loaded once at
@@ -362,9 +367,12 @@ class ServeConfig(Section):
     max_tokens_limit: int = 512  # max_tokens above this: 400
     default_max_tokens: int = 128
     max_batch: int = 16  # requests decoded together in one forward pass
-    # How long the engine waits for concurrent requests to join a batch before it starts decoding:
-    # batches form per round, so a request that just misses one waits for the whole next round.
-    batch_wait_ms: float = 50.0
+    # When the engine is idle, how long it waits after a request for others sent with it, so that they
+    # start together; a request that arrives while the batch decodes joins it at the next step anyway.
+    batch_wait_ms: float = 5.0
+    # A prompt is read in chunks of this many tokens with a decode step of the running rows between
+    # chunks, so a long prompt does not stall the answers being generated.
+    prefill_chunk_tokens: int = 256
     max_queue: int = 64  # waiting requests beyond this: 429, never an unbounded backlog
     request_timeout_s: float = 120.0  # 504 when a request has not finished by then
     # On SIGTERM or Ctrl-C: new connections are refused at once, requests in flight get this long to
@@ -374,7 +382,8 @@ class ServeConfig(Section):
 
     def check_ranges(self) -> None:
         _check(0 <= self.port <= 65535, "serve.port", self.port, "must be a TCP port (0-65535)")
-        for key in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_batch", "max_queue", "max_body_bytes"):
+        for key in ("max_prompt_tokens", "max_tokens_limit", "default_max_tokens", "max_batch", "max_queue", "max_body_bytes",
+                    "prefill_chunk_tokens"):
             self._at_least(key, 1)
         self._at_least("batch_wait_ms", 0)
         self._at_least("request_timeout_s", 0, exclusive=True)

@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 warnings.filterwarnings("ignore", message=".*Could not find a config file.*")
 
 from loralab.config import Config, ModelConfig  # noqa: E402
+from loralab.deploy import llama_cpp  # noqa: E402
 from loralab.model_utils import resolve_model_dir  # noqa: E402
 
 from helpers.data import QA_ROWS, outputs_under, write_jsonl  # noqa: E402
@@ -99,3 +100,12 @@ def tiny_config(tmp_path, tiny_llama_dir) -> Config:
     prepare_dataset(cfg.data)
     return cfg
 
+
+@pytest.fixture(scope="session")
+def llama_server_built():
+    """`make test` builds llama-server first (`make llama-cpp`, once per machine)."""
+    if llama_cpp.binary() is None:
+        message = "llama-server is not built: run `make llama-cpp`"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message} (CI=true fails instead of skipping)", pytrace=False)
+        pytest.skip(message)

@@ -148,7 +148,7 @@ def _run(command: list[str]) -> None:
 
 @contextmanager
 def llama_server(model: str | Path, loras: Sequence[str | Path] = (), *, parallel: int = 1, context: int = 2048,
-                 startup_s: float = 120) -> Iterator[str]:
+                 startup_s: float = 120, extra: Sequence[str] = ()) -> Iterator[str]:
     """llama-server on 127.0.0.1 with `model` (and `loras`, applied at scale 1 unless a request says
     otherwise); yields its base URL once /health answers, and stops it afterwards."""
     port = free_port()
@@ -156,8 +156,9 @@ def llama_server(model: str | Path, loras: Sequence[str | Path] = (), *, paralle
                "-c", str(context * parallel), "-t", str(os.cpu_count() or 2)]
     for lora in loras:
         command += ["--lora", str(lora)]
+    command += list(extra)
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_healthy(url, process, log, startup_s)
@@ -169,6 +170,17 @@ def llama_server(model: str | Path, loras: Sequence[str | Path] = (), *, paralle
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the thread that started it dies, so a
+    server killed without cleanup (SIGKILL, or a signal re-raised after a graceful drain) leaves no
+    orphaned llama-server holding the cores."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) -> None:
@@ -190,9 +202,11 @@ def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) ->
 
 def complete(url: str, prompt: list[int], n_predict: int, *, lora_scales: Sequence[float] | None = None,
              timeout: float = 120) -> dict:
-    """POST /completion with token ids (no BOS added), greedy; `lora_scales` sets each loaded adapter's scale."""
+    """POST /completion with token ids (no BOS added), greedy; `lora_scales` sets each loaded adapter's
+    scale. No prompt cache: llama-server would reuse KV computed under other adapter scales
+    (ggml-org/llama.cpp#26207), and the tests compare scales on the same prompts."""
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": True}
+            "return_tokens": True, "cache_prompt": False}
     if lora_scales is not None:
         body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(lora_scales)]
     request = urllib.request.Request(f"{url}/completion", data=json.dumps(body).encode(),

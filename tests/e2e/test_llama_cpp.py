@@ -10,7 +10,6 @@ The export's own checks (through transformers) run here too. With CI=true a miss
 fails the llama.cpp tests instead of skipping them."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -34,16 +33,6 @@ N_TOKENS = 24
 # because Q4_1 keeps the base's own 4-bit grid exactly (only adapted matrices move, kept at Q8_0) while
 # Q8_0 re-rounds every matrix; llama.cpp also rounds activations to 8 bits in these matmuls.
 TOP1_BOUNDS = {"gguf-q8_0": 0.85, "gguf-q4_1": 0.85, "q4_1 base + lora": 0.9}
-
-
-@pytest.fixture(scope="module")
-def llama_server_built():
-    """`make test` builds llama-server first (`make llama-cpp`, once per machine)."""
-    if llama_cpp.binary() is None:
-        message = "llama-server is not built: run `make llama-cpp`"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{message} (CI=true fails instead of skipping)", pytrace=False)
-        pytest.skip(message)
 
 
 @pytest.fixture(scope="module")

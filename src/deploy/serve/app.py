@@ -1,12 +1,13 @@
 """`loralab serve`: the OpenAI API shape over the batched engine (FastAPI + uvicorn).
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events), GET /health. The `model` field picks the base model or one
-of the adapters configured at start. Errors use OpenAI's shape {"error": {message, type, code}}:
+`stream: true` as server-sent events), GET /health, GET /metrics (Prometheus). The `model` field
+picks the base model or one of the adapters configured at start. Errors use OpenAI's shape {"error": {message, type, code}}:
 400 bad request, 401 missing/wrong key, 404 unknown model, 413 prompt or body too large, 429
 queue full, 504 timeout. Every request leaves one JSON log line on stderr.
 
-The wire shapes live in protocol.py, model loading in loading.py, batching in engine.py; this
+The wire shapes live in protocol.py, model loading and the choice of engine in loading.py, the
+engines in engine.py (torch) and llama_gateway.py (llama.cpp), the metrics in metrics.py; this
 module holds the routes and the one `Reply` builder for streamed and whole answers.
 """
 
@@ -19,16 +20,18 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 # Module level on purpose: FastAPI resolves the (string) annotations of the endpoints here.
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loralab.config import Config
 from loralab.deploy.serve.engine import QueueFull, Request
 from loralab.deploy.serve.loading import Served, load_served
+from loralab.deploy.serve.metrics import CONTENT_TYPE
 from loralab.deploy.serve.protocol import (
     ApiError,
     AssistantMessage,
@@ -254,14 +257,25 @@ async def complete(served: Served, http: HttpRequest, chat: bool):
 
 
 def create_app(served: Served) -> FastAPI:
-    app = FastAPI(title="loralab serve", docs_url=None, redoc_url=None)
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # After uvicorn's graceful drain and before it re-raises SIGTERM (which ends the process with
+        # no `finally`): stop the engine, and with it a llama-server it started.
+        served.engine.stop()
+
+    app = FastAPI(title="loralab serve", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     @app.get("/health")
     async def health():
         engine = served.engine
-        body = {"status": "ok" if engine.alive else "engine stopped", "queued": engine.queue.qsize(),
+        body = {"status": "ok" if engine.alive else "engine stopped", "queued": engine.queued(),
                 "max_queue": served.settings.max_queue, **engine.stats}
         return body if engine.alive else JSONResponse(body, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():  # Prometheus' scrape format; counts only, so no key (as /health)
+        return Response(served.engine.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(http: HttpRequest):
@@ -285,6 +299,10 @@ def create_app(served: Served) -> FastAPI:
 def serve(cfg: Config) -> None:
     import uvicorn
 
+    if cfg.serve.engine == "vllm":
+        from loralab.deploy.serve.vllm import launch_vllm
+
+        launch_vllm(cfg)  # replaces this process
     served = load_served(cfg)
     served.engine.start()
     app = create_app(served)

@@ -1,24 +1,33 @@
-"""Batched generation for `loralab serve`: one base model, any number of LoRA adapters, one
-forward pass for a batch whose requests each name their own adapter.
+"""Continuous batching for `loralab serve`: one base model, any number of LoRA adapters, one
+forward pass for the rows of a batch whose requests each name their own adapter.
 
-Why by hand: `generate()` streams only at batch size 1 and runs one adapter per call. Here,
-requests that arrive together are decoded together with a KV cache, each row through its own
-adapter (PEFT's `adapter_names`, so the base weights are shared and never reloaded), and every
-row streams its text as it is produced. Batches are formed per round: requests that arrive
-while a batch runs wait (in a bounded queue) for the next round.
+Why by hand: `generate()` streams only at batch size 1 and runs one adapter per call, and
+llama-server, which batches continuously, does not batch requests that use different adapters
+together. Here a request joins the running batch at the next decode step (after its own prefill,
+cut into chunks of `prefill_chunk` tokens with a decode step of the running rows between chunks, so
+a long prompt does not stall them), a finished row leaves at once, and every row goes through its
+own adapter (PEFT's `adapter_names`: the base weights are shared and never reloaded) and streams
+its text as it is produced.
+
+The batch's KV cache is left-padded: each row's tokens end at the last column, padding columns are
+masked out, and each row keeps its own position ids, so a row's answer is the one it would get
+alone. Columns that only finished rows used are dropped when those rows leave.
 """
-
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
+from loralab.deploy.serve.metrics import ServeMetrics
 from loralab.deploy.serve.protocol import Event
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -100,21 +109,84 @@ def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     return tokens
 
 
-class Engine:
-    """Owns the model; `submit` from any thread, a background thread decodes in batches."""
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros (masked out) before `t`'s entries along `dim` (the last or second-to-last), up to `width`."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    return F.pad(t, (missing, 0) if dim == -1 else (0, 0, missing, 0))
 
-    def __init__(self, model, tokenizer, adapters: list[str], max_batch: int, max_queue: int, batch_wait_s: float = 0.005):
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=layers)
+
+
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded: their KV cache, attention mask (1 = a real token), the position id and
+    the input token of each row's next step."""
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor  # (rows, columns)
+    positions: torch.Tensor  # (rows,)
+    last: torch.Tensor  # (rows,)
+
+    def join(self, other: _Batch) -> _Batch:
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        layers = [(torch.cat([_pad_left(k1, width, -2), _pad_left(k2, width, -2)]),
+                   torch.cat([_pad_left(v1, width, -2), _pad_left(v2, width, -2)]))
+                  for (k1, v1), (k2, v2) in zip(_kv(self.cache), _kv(other.cache))]
+        return _Batch(self.rows + other.rows, _cache_of(layers),
+                      torch.cat([_pad_left(self.mask, width, -1), _pad_left(other.mask, width, -1)]),
+                      torch.cat([self.positions, other.positions]), torch.cat([self.last, other.last]))
+
+    def keep(self, indices: list[int]) -> _Batch:
+        """The rows at `indices`, without the leading columns none of them uses."""
+        index = torch.tensor(indices)
+        mask = self.mask[index]
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        layers = [(k[index, :, start:], v[index, :, start:]) for k, v in _kv(self.cache)]
+        return _Batch([self.rows[i] for i in indices], _cache_of(layers), mask[:, start:], self.positions[index],
+                      self.last[index])
+
+
+@dataclass
+class _Prefill:
+    """A request whose prompt is being read into its own cache, `done` tokens so far."""
+
+    row: _Row
+    cache: DynamicCache = field(default_factory=DynamicCache)
+    done: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.row.request.prompt_ids) - self.done
+
+
+class Engine:
+    """Owns the model; `submit` from any thread, a background thread prefills and decodes."""
+
+    def __init__(self, model, tokenizer, adapters: list[str], max_batch: int, max_queue: int, batch_wait_s: float = 0.005,
+                 prefill_chunk: int = 256):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.adapters = adapters
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_s
+        self.prefill_chunk = prefill_chunk
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if isinstance(eos, list) else [eos]
         self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0}
+        self.device = next(self.model.parameters()).device
+        self.metrics = ServeMetrics(queue_depth=self.queued)
+        self.stats = {"decode_steps": 0, "prefill_chunks": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loralab-engine", daemon=True)
 
@@ -126,6 +198,13 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout=10)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def queued(self) -> int:
+        return self.queue.qsize()
+
     def submit(self, request: Request) -> None:
         try:
             self.queue.put_nowait(request)
@@ -133,76 +212,117 @@ class Engine:
             raise QueueFull from None
 
     def _loop(self) -> None:
+        running: _Batch | None = None
+        prefilling: deque[_Prefill] = deque()
         while not self._stop.is_set():
             try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_wait_s  # a moment for concurrent requests to join
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.perf_counter())))
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if not batch:
-                continue
-            try:
-                self.run_batch(batch)
-            except Exception as exc:  # one bad batch must not kill the server: fail its requests
-                for r in batch:
-                    try:
-                        r.emit(Event(error=f"{type(exc).__name__}: {exc}"))
-                    except Exception:  # the client's event loop is gone (shutdown): nothing to tell
-                        pass
+                self._admit(prefilling, len(running.rows) if running else 0)
+                running = self._prefill(prefilling, running)
+                if running is not None:
+                    running = self._decode_step(running)
+                self.metrics.running.set(len(prefilling) + (len(running.rows) if running else 0))
+            except Exception as exc:  # one bad step must not kill the server: fail the requests it held
+                rows = [p.row for p in prefilling] + (running.rows if running else [])
+                running, prefilling = None, deque()
+                for row in rows:
+                    self._fail(row.request, exc)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def _fail(self, request: Request, exc: Exception) -> None:
+        self.metrics.finished.labels("error").inc()
+        try:
+            request.emit(Event(error=f"{type(exc).__name__}: {exc}"))
+        except Exception:  # the client's event loop is gone (shutdown): nothing to tell
+            pass
+
+    def _admit(self, prefilling: deque[_Prefill], running: int) -> None:
+        """Move waiting requests into `prefilling` while the batch has room. When idle, wait for one,
+        then a moment (batch_wait_s) for requests sent together to start together."""
+        idle = running == 0 and not prefilling
+        deadline = None
+        while running + len(prefilling) < self.max_batch:
+            try:
+                if idle and deadline is None:
+                    request = self.queue.get(timeout=0.1)
+                    deadline = time.perf_counter() + self.batch_wait_s
+                elif idle:
+                    request = self.queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                else:
+                    request = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if not request.cancelled.is_set():
+                prefilling.append(_Prefill(_Row(request, self.tokenizer)))
+                self.stats["requests"] += 1
 
     @torch.no_grad()
-    def run_batch(self, batch: list[Request]) -> None:
-        rows = [_Row(r, self.tokenizer) for r in batch]
-        n, width = len(batch), max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every row's next token is at the last position
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        from transformers import DynamicCache
+    def _prefill(self, prefilling: deque[_Prefill], running: _Batch | None) -> _Batch | None:
+        """Up to `prefill_chunk` prompt tokens, oldest request first; a request whose prompt is all
+        read gets its first token and joins the running batch."""
+        budget = self.prefill_chunk
+        while prefilling and budget > 0:
+            p = prefilling[0]
+            if p.row.request.cancelled.is_set():
+                prefilling.popleft()
+                continue
+            n = min(budget, p.remaining)
+            ids = torch.tensor([p.row.request.prompt_ids[p.done:p.done + n]])
+            out = self._forward([p.row], input_ids=ids, attention_mask=torch.ones((1, p.done + n), dtype=torch.long),
+                                position_ids=torch.arange(p.done, p.done + n).unsqueeze(0), past_key_values=p.cache)
+            p.done, budget = p.done + n, budget - n
+            self.stats["prefill_chunks"] += 1
+            self.metrics.prompt_tokens.inc(n)
+            if p.remaining:
+                continue
+            prefilling.popleft()
+            token = self._push([p.row], out.logits[:, -1])[0]
+            if p.row.finish is None:
+                width = p.done
+                joined = _Batch([p.row], p.cache, torch.ones((1, width), dtype=torch.long), torch.tensor([width]),
+                                torch.tensor([token]))
+                running = joined if running is None else running.join(joined)
+                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(running.rows))
+        return running
 
-        names = {r.adapter or BASE for r in batch}
+    @torch.no_grad()
+    def _decode_step(self, batch: _Batch) -> _Batch | None:
+        n = len(batch.rows)
+        mask = torch.cat([batch.mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
+        out = self._forward(batch.rows, input_ids=batch.last.unsqueeze(1), attention_mask=mask,
+                            position_ids=batch.positions.unsqueeze(1), past_key_values=batch.cache)
+        self.stats["decode_steps"] += 1
+        tokens = self._push(batch.rows, out.logits[:, -1])
+        batch = _Batch(batch.rows, batch.cache, mask, batch.positions + 1, torch.tensor(tokens))
+        alive = [i for i, row in enumerate(batch.rows) if row.finish is None]
+        if not alive:
+            return None
+        return batch if len(alive) == n else batch.keep(alive)
+
+    def _push(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Choose each row's next token and hand it to the row (which streams it, or finishes)."""
+        tokens = _choose(logits.float().cpu(), rows)
+        now = time.perf_counter()
+        for row, token in zip(rows, tokens):
+            if not row.ids and row.finish is None:
+                self.metrics.ttft.observe(now - row.request.enqueued_at)
+            row.push(token, self.eos_ids)
+            if row.finish is not None:
+                self.metrics.finished.labels(row.finish).inc()
+                row.request.emit(Event(finish=row.finish, completion_tokens=len(row.ids)))
+        self.stats["tokens"] += len(rows)
+        self.metrics.generated(len(rows))
+        return tokens
+
+    def _forward(self, rows: list[_Row], **inputs):
+        """One forward pass with each row's adapter: PEFT's plain path when the rows agree on one
+        (faster), its mixed-batch `adapter_names` when they do not."""
+        names = [row.request.adapter or BASE for row in rows]
         extra, context = {}, nullcontext()
-        if self.adapters and len(names) > 1:
-            extra = {"adapter_names": [r.adapter or BASE for r in batch]}  # PEFT's mixed-adapter batch
-        elif self.adapters and names == {BASE}:
+        if self.adapters and len(set(names)) > 1:
+            extra = {"adapter_names": names}
+        elif self.adapters and names[0] == BASE:
             context = self.model.disable_adapter()
-        elif self.adapters:
-            self.model.set_adapter(names.pop())  # one adapter for the whole batch: PEFT's plain (faster) path
-        cache = DynamicCache()
-        device = next(self.model.parameters()).device
-        self.stats["batches"] += 1
-        self.stats["requests"] += n
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], n)
+        elif self.adapters and self.model.active_adapter != names[0]:
+            self.model.set_adapter(names[0])
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         with context:
-            self._decode(batch, rows, ids, mask, positions, cache, device, extra)
-
-    def _decode(self, batch, rows, ids, mask, positions, cache, device, extra) -> None:
-        n = len(batch)
-        for _ in range(max(r.max_tokens for r in batch) + 1):
-            out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
-            tokens = _choose(out.logits[:, -1].float().cpu(), rows)
-            for row, token in zip(rows, tokens):
-                if row.finish is None:
-                    row.push(token, self.eos_ids)
-                    self.stats["tokens"] += 1
-                    if row.finish is not None:
-                        row.request.emit(Event(finish=row.finish, completion_tokens=len(row.ids)))
-            if all(row.finish is not None for row in rows):
-                return
-            ids = torch.tensor(tokens).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
+            return self.model(**inputs, use_cache=True, logits_to_keep=1, **extra)
