@@ -39,6 +39,7 @@ def test_auto_falls_back_for_an_architecture_gguf_cannot_express(tiny_gpt2_dir, 
 
 
 def test_vllm_gets_every_adapter_by_name_and_the_largest_rank(tmp_path, monkeypatch):
+    monkeypatch.delenv("LORALAB_VLLM", raising=False)
     for name, rank in (("alpha", 8), ("beta", 32)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": rank, "rank_pattern": {}}))
@@ -49,6 +50,9 @@ def test_vllm_gets_every_adapter_by_name_and_the_largest_rank(tmp_path, monkeypa
     assert command[:5] == ["vllm", "serve", str(tmp_path / "hf"), "--served-model-name", "my-base"]
     assert command[command.index("--max-lora-rank") + 1] == "32"
     assert command[command.index("--lora-modules") + 1:] == [f"alpha={tmp_path / 'alpha'}", f"beta={tmp_path / 'beta'}"]
-    monkeypatch.setenv("PATH", str(tmp_path))  # no vllm on it
-    with pytest.raises(LoralabError, match=r"^serve.engine=vllm: the `vllm` command is not installed"):
+    monkeypatch.setenv("LORALAB_VLLM", "/venv/bin/python -m vllm.entrypoints.openai.api_server")
+    assert vllm_command(cfg, tmp_path / "hf")[:6] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
+                                                      str(tmp_path / "hf"), "--served-model-name"]
+    cfg.serve.merged_model = str(tmp_path / "hf")
+    with pytest.raises(LoralabError, match=r"^serve.engine=vllm: `/venv/bin/python` is not installed"):
         launch_vllm(cfg)

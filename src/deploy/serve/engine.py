@@ -256,14 +256,24 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, prefilling: deque[_Prefill], running: _Batch | None) -> _Batch | None:
-        """Up to `prefill_chunk` prompt tokens, oldest request first; a request whose prompt is all
-        read gets its first token and joins the running batch."""
+        """Up to `prefill_chunk` prompt tokens, oldest request first: the waiting prompts that fit
+        whole, together in one forward pass (on a CPU each pass reads every weight once, so 32 short
+        prompts one by one cost several times one pass over all of them); a longer prompt alone,
+        chunk by chunk. A request whose prompt is all read gets its first token and joins the
+        running batch."""
         budget = self.prefill_chunk
         while prefilling and budget > 0:
-            p = prefilling[0]
-            if p.row.request.cancelled.is_set():
+            if prefilling[0].row.request.cancelled.is_set():
                 prefilling.popleft()
                 continue
+            group = self._whole_prompts(prefilling, budget)
+            if group:
+                for _ in group:
+                    prefilling.popleft()
+                budget -= len(group) * max(len(p.row.request.prompt_ids) for p in group)
+                running = self._join(running, self._prefill_whole(group))
+                continue
+            p = prefilling[0]
             n = min(budget, p.remaining)
             ids = torch.tensor([p.row.request.prompt_ids[p.done:p.done + n]])
             out = self._forward([p.row], input_ids=ids, attention_mask=torch.ones((1, p.done + n), dtype=torch.long),
@@ -271,16 +281,50 @@ class Engine:
             p.done, budget = p.done + n, budget - n
             self.stats["prefill_chunks"] += 1
             self.metrics.prompt_tokens.inc(n)
-            if p.remaining:
-                continue
-            prefilling.popleft()
-            token = self._push([p.row], out.logits[:, -1])[0]
-            if p.row.finish is None:
-                width = p.done
-                joined = _Batch([p.row], p.cache, torch.ones((1, width), dtype=torch.long), torch.tensor([width]),
-                                torch.tensor([token]))
-                running = joined if running is None else running.join(joined)
-                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(running.rows))
+            if not p.remaining:
+                prefilling.popleft()
+                token = torch.tensor(self._push([p.row], out.logits[:, -1]))
+                running = self._join(running, _Batch([p.row], p.cache, torch.ones((1, p.done), dtype=torch.long),
+                                                     torch.tensor([p.done]), token))
+        return running
+
+    @staticmethod
+    def _whole_prompts(prefilling: deque[_Prefill], budget: int) -> list[_Prefill]:
+        """The longest run of not-yet-started prompts from the front whose padded batch fits `budget`."""
+        group: list[_Prefill] = []
+        for p in prefilling:
+            width = max([len(q.row.request.prompt_ids) for q in group] + [len(p.row.request.prompt_ids)])
+            if p.done or (len(group) + 1) * width > budget:
+                break
+            group.append(p)
+        return group
+
+    def _prefill_whole(self, group: list[_Prefill]) -> _Batch:
+        """Whole prompts in one forward pass, left-padded: every row's last token is in the last column."""
+        lengths = [len(p.row.request.prompt_ids) for p in group]
+        width = max(lengths)
+        ids = torch.full((len(group), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for i, p in enumerate(group):
+            ids[i, width - lengths[i]:] = torch.tensor(p.row.request.prompt_ids)
+            mask[i, width - lengths[i]:] = 1
+        cache = DynamicCache()
+        rows = [p.row for p in group]
+        out = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                            past_key_values=cache)
+        self.stats["prefill_chunks"] += 1
+        self.metrics.prompt_tokens.inc(sum(lengths))
+        tokens = torch.tensor(self._push(rows, out.logits[:, -1]))
+        return _Batch(rows, cache, mask, torch.tensor(lengths), tokens)
+
+    def _join(self, running: _Batch | None, prefilled: _Batch) -> _Batch | None:
+        """The running batch with the prefilled rows that did not finish on their first token."""
+        alive = [i for i, row in enumerate(prefilled.rows) if row.finish is None]
+        if not alive:
+            return running
+        prefilled = prefilled if len(alive) == len(prefilled.rows) else prefilled.keep(alive)
+        running = prefilled if running is None else running.join(prefilled)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(running.rows))
         return running
 
     @torch.no_grad()

@@ -36,7 +36,7 @@ class Served:
                       default_max_tokens=self.settings.default_max_tokens)
 
 
-def _model_id(path: str) -> str:
+def model_id(path: str) -> str:
     return Path(path.rstrip("/")).name
 
 
@@ -46,7 +46,7 @@ def _load_merged(cfg: Config, device):
     model = loaded.model
     if s.int8:
         model = quantize_int8(model)  # weight-only int8
-    return model, loaded.tokenizer, _model_id(s.merged_model), []
+    return model, loaded.tokenizer, model_id(s.merged_model), []
 
 
 def _load_with_adapters(cfg: Config, device):
@@ -57,7 +57,7 @@ def _load_with_adapters(cfg: Config, device):
     if s.int8:
         raise LoralabError("serve.int8 needs serve.merged_model: LoRA layers cannot sit on dynamically quantized Linear layers")
     loaded = load_base_model(cfg.model, device)
-    model, base_id = loaded.model, _model_id(cfg.model.name_or_path)
+    model, base_id = loaded.model, model_id(cfg.model.name_or_path)
     for index, (name, directory) in enumerate(s.adapters.items()):
         if index == 0:
             model = PeftModel.from_pretrained(model, directory, adapter_name=name)
@@ -71,7 +71,7 @@ def _check_adapter_names(cfg: Config) -> None:
     if cfg.serve.merged_model:
         return
     for name, directory in cfg.serve.adapters.items():
-        if name == _model_id(cfg.model.name_or_path):
+        if name == model_id(cfg.model.name_or_path):
             raise LoralabError(f"serve.adapters: '{name}' is the base model's id; pick another name")
         weights = Path(directory) / "adapter_model.safetensors"
         if not weights.is_file():
@@ -102,7 +102,7 @@ def _gateway_engine(cfg: Config, device) -> tuple[object, object, str, list[str]
     engine, tokenizer = load_llama_cpp(cfg, device)
     ensure_chat_template(tokenizer)
     adapters = [] if s.merged_model else list(s.adapters)
-    return engine, tokenizer, _model_id(s.merged_model or cfg.model.name_or_path), adapters
+    return engine, tokenizer, model_id(s.merged_model or cfg.model.name_or_path), adapters
 
 
 def load_served(cfg: Config, say=print) -> Served:
