@@ -119,8 +119,10 @@ class LlamaCppEngine:
             import aiohttp
 
             self._slots = asyncio.Semaphore(self.max_batch)
-            self._client = aiohttp.ClientSession(self.url, timeout=aiohttp.ClientTimeout(total=None),
-                                                 connector=aiohttp.TCPConnector(limit=self.max_batch))
+            # A connection per request (force_close): a kept-alive one that llama-server has closed
+            # meanwhile fails the next request ("Can not write request body", 3 of 64 at 32 clients).
+            connector = aiohttp.TCPConnector(limit=self.max_batch, force_close=True)
+            self._client = aiohttp.ClientSession(self.url, timeout=aiohttp.ClientTimeout(total=None), connector=connector)
         self.stats["in_flight"] += 1
         self.stats["requests"] += 1
         task = asyncio.get_running_loop().create_task(self._serve(request))
