@@ -173,7 +173,7 @@ def write_models(work: Path) -> dict[str, Path]:
 
     from loralab.config import Config
     from loralab.data.chat import ensure_chat_template
-    from loralab.deploy.export import _source_pre_tokenizer
+    from loralab.deploy.export import source_pre_tokenizer
     from loralab.deploy.gguf import write_gguf
     from loralab.deploy.gguf_lora import write_gguf_lora
     from loralab.model_utils import load_base_model, merge_to_directory
@@ -181,7 +181,7 @@ def write_models(work: Path) -> dict[str, Path]:
     cfg = Config()
     loaded = load_base_model(cfg.model, torch.device("cpu"))
     ensure_chat_template(loaded.tokenizer)
-    pre = _source_pre_tokenizer(loaded.local_dir)
+    pre = source_pre_tokenizer(loaded.local_dir)
     paths = {"base_f16": write_gguf(loaded.model, loaded.tokenizer, work / "base.F16.gguf", "f16", "base", pre)}
     for name, adapter in ADAPTERS.items():
         paths[f"lora_{name}"] = write_gguf_lora(REPO / adapter, loaded.model.config, work / f"{name}.lora.gguf")

@@ -101,7 +101,7 @@ def source_gguf(model_dir: Path) -> Path | None:
     return Path(json.loads(source.read_text())["gguf"]) if source.is_file() else None
 
 
-def _source_pre_tokenizer(model_dir: Path) -> str:
+def source_pre_tokenizer(model_dir: Path) -> str:
     """llama.cpp picks its pre-tokenizer regex by this name; reuse the original GGUF's when there is one."""
     path = source_gguf(model_dir)
     if path is not None:
@@ -189,7 +189,7 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
     base_gguf = source_gguf(base_dir)
     if "gguf-lora" in formats and base_gguf is None:  # llama.cpp needs the base as GGUF too
         base_gguf = write_gguf(loaded.model, tokenizer, out / f"{Path(cfg.model.name_or_path).name}.F16.gguf", "f16",
-                               Path(cfg.model.name_or_path).name, _source_pre_tokenizer(base_dir))
+                               Path(cfg.model.name_or_path).name, source_pre_tokenizer(base_dir))
     reference = answer_logprobs(load_adapter(loaded.model, adapter_dir).eval(), tokenizer, pairs)
     adapter_effect = compare(reference, without_adapter)["mean_kl"]
     print(f"the adapter's effect on {len(pairs)} reference answers: KL {adapter_effect:.3g} from the base model", flush=True)
@@ -240,7 +240,7 @@ def _write_merged_ggufs(cfg: Config, formats: list[str], adapter_dir: Path, merg
         qtype = fmt.split("-", 1)[1]
         path = Path(cfg.export.out_dir) / f"{name}.{qtype.upper()}.gguf"
         print(f"writing {path}", flush=True)
-        written[fmt] = write_gguf(merged, tokenizer, path, qtype, name, _source_pre_tokenizer(base_dir), adapted)
+        written[fmt] = write_gguf(merged, tokenizer, path, qtype, name, source_pre_tokenizer(base_dir), adapted)
     return written
 
 

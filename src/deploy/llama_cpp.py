@@ -203,10 +203,11 @@ def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) ->
 def complete(url: str, prompt: list[int], n_predict: int, *, lora_scales: Sequence[float] | None = None,
              timeout: float = 120) -> dict:
     """POST /completion with token ids (no BOS added), greedy; `lora_scales` sets each loaded adapter's
-    scale. No prompt cache: llama-server would reuse KV computed under other adapter scales
-    (ggml-org/llama.cpp#26207), and the tests compare scales on the same prompts."""
+    scale. A request with scales skips the prompt cache: llama-server would reuse KV computed under
+    other scales (ggml-org/llama.cpp#26207). One without may reuse it, so on a server with adapters,
+    send those before any request at other scales."""
     body = {"prompt": prompt, "n_predict": n_predict, "temperature": 0, "top_k": 1,
-            "return_tokens": True, "cache_prompt": False}
+            "return_tokens": True, "cache_prompt": lora_scales is None}
     if lora_scales is not None:
         body["lora"] = [{"id": i, "scale": scale} for i, scale in enumerate(lora_scales)]
     request = urllib.request.Request(f"{url}/completion", data=json.dumps(body).encode(),

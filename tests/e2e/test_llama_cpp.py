@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 N_TOKENS = 24
 # Teacher-forced top-1 agreement with base + adapter (PEFT, fp32) on reference answers, at least.
-# Measured on the AVX2 class: 0.911, 0.964, 0.946 (and 0.339 for the base alone). Q8_0 is below Q4_1
+# Measured on the AVX2 class: 0.911, 0.929, 0.964 (and 0.357 for the base alone). Q8_0 is below Q4_1
 # because Q4_1 keeps the base's own 4-bit grid exactly (only adapted matrices move, kept at Q8_0) while
 # Q8_0 re-rounds every matrix; llama.cpp also rounds activations to 8 bits in these matmuls.
 TOP1_BOUNDS = {"gguf-q8_0": 0.85, "gguf-q4_1": 0.85, "q4_1 base + lora": 0.9}
@@ -105,9 +105,9 @@ def test_gguf_adapter_on_an_f16_base_answers_exactly_as_peft_and_matters(llama_s
     base = AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32)
     base_gguf = write_gguf(base, tokenizer, tmp_path / "base.F16.gguf", "f16", "base", "smollm")
     with llama_cpp.llama_server(base_gguf, [results["formats"]["gguf-lora"]["path"]]) as url:
-        for case in cases:
-            assert _greedy(url, case) == case["greedy"], tokenizer.decode(case["prompt"])
-        assert [_greedy(url, c, lora_scales=[0.0]) for c in cases] != [_greedy(url, c) for c in cases]
+        with_adapter = [_greedy(url, case) for case in cases]  # before any request at another scale (see complete)
+        assert with_adapter == [case["greedy"] for case in cases]
+        assert [_greedy(url, c, lora_scales=[0.0]) for c in cases] != with_adapter
 
 
 def test_modelfile_base_with_the_gguf_adapter_and_quantized_merges_stay_within_bounds(llama_server_built, exported,
@@ -121,7 +121,8 @@ def test_modelfile_base_with_the_gguf_adapter_and_quantized_merges_stay_within_b
     measured = {}
     with llama_cpp.llama_server(base, [adapter]) as url:
         measured["q4_1 base + lora"] = _top1_agreement(url, cases)
-        without = _top1_agreement(url, cases, lora_scales=[0.0])
+    with llama_cpp.llama_server(base) as url:
+        without = _top1_agreement(url, cases)
     for fmt in ("gguf-q8_0", "gguf-q4_1"):
         with llama_cpp.llama_server(results["formats"][fmt]["path"]) as url:
             measured[fmt] = _top1_agreement(url, cases)

@@ -2,9 +2,9 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 `stream: true` as server-sent events), GET /health, GET /metrics (Prometheus). The `model` field
-picks the base model or one of the adapters configured at start. Errors use OpenAI's shape {"error": {message, type, code}}:
-400 bad request, 401 missing/wrong key, 404 unknown model, 413 prompt or body too large, 429
-queue full, 504 timeout. Every request leaves one JSON log line on stderr.
+picks the base model or one of the adapters configured at start. Errors use OpenAI's shape
+{"error": {message, type, code}}: 400 bad request, 401 missing/wrong key, 404 unknown model, 413
+prompt or body too large, 429 queue full, 504 timeout. Every request leaves one JSON log line on stderr.
 
 The wire shapes live in protocol.py, model loading and the choice of engine in loading.py, the
 engines in engine.py (torch) and llama_gateway.py (llama.cpp), the metrics in metrics.py; this

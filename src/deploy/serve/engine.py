@@ -52,7 +52,7 @@ class Request:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-class _Row:
+class Row:
     """Decoding state of one request: generated ids, text emitted so far, why it stopped."""
 
     def __init__(self, request: Request, tokenizer):
@@ -90,7 +90,7 @@ class _Row:
             self.sent = ready
 
 
-def _choose(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+def _choose(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """Greedy for temperature 0, else nucleus sampling with the request's own generator."""
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
@@ -130,7 +130,7 @@ class _Batch:
     """The rows being decoded: their KV cache, attention mask (1 = a real token), the position id and
     the input token of each row's next step."""
 
-    rows: list[_Row]
+    rows: list[Row]
     cache: DynamicCache
     mask: torch.Tensor  # (rows, columns)
     positions: torch.Tensor  # (rows,)
@@ -160,7 +160,7 @@ class _Batch:
 class _Prefill:
     """A request whose prompt is being read into its own cache, `done` tokens so far."""
 
-    row: _Row
+    row: Row
     cache: DynamicCache = field(default_factory=DynamicCache)
     done: int = 0
 
@@ -251,7 +251,7 @@ class Engine:
             except queue.Empty:
                 return
             if not request.cancelled.is_set():
-                prefilling.append(_Prefill(_Row(request, self.tokenizer)))
+                prefilling.append(_Prefill(Row(request, self.tokenizer)))
                 self.stats["requests"] += 1
 
     @torch.no_grad()
@@ -341,7 +341,7 @@ class Engine:
             return None
         return batch if len(alive) == n else batch.keep(alive)
 
-    def _push(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+    def _push(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
         """Choose each row's next token and hand it to the row (which streams it, or finishes)."""
         tokens = _choose(logits.float().cpu(), rows)
         now = time.perf_counter()
@@ -356,7 +356,7 @@ class Engine:
         self.metrics.generated(len(rows))
         return tokens
 
-    def _forward(self, rows: list[_Row], **inputs):
+    def _forward(self, rows: list[Row], **inputs):
         """One forward pass with each row's adapter: PEFT's plain path when the rows agree on one
         (faster), its mixed-batch `adapter_names` when they do not."""
         names = [row.request.adapter or BASE for row in rows]

@@ -5,7 +5,7 @@ scales) decodes several times faster than PyTorch here (benchmarks/inference.py)
 what it adds on top (the same OpenAI routes, API key, limits, adapter names, stop strings, JSON
 logs and /metrics) and passes each request to llama-server as token ids: the prompt is tokenized
 and templated by the same code as for the torch engine, and the tokens that come back go through
-the same `_Row` as the torch engine's (stop strings, UTF-8 hold-back, max_tokens), so the two
+the same `Row` as the torch engine's (stop strings, UTF-8 hold-back, max_tokens), so the two
 engines differ only in the arithmetic that produced the tokens.
 
 The base model is written once as an F16 GGUF and each adapter as a GGUF LoRA adapter, cached
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from loralab.config import Config
-from loralab.deploy.serve.engine import BASE, QueueFull, Request, _Row
+from loralab.deploy.serve.engine import BASE, QueueFull, Request, Row
 from loralab.deploy.serve.metrics import ServeMetrics
 from loralab.deploy.serve.protocol import Event
 from loralab.util.atomic_io import file_lock
@@ -46,7 +46,7 @@ def _identity(*paths: Path) -> str:
 def gguf_files(cfg: Config, loaded, adapters: dict[str, str]) -> tuple[Path, dict[str, Path]]:
     """The F16 base GGUF and one GGUF adapter per served adapter, written unless already cached.
     Raises LoralabError for what GGUF cannot express (an architecture, DoRA, IA3, ...)."""
-    from loralab.deploy.export import _source_pre_tokenizer
+    from loralab.deploy.export import source_pre_tokenizer
     from loralab.deploy.gguf import write_gguf
     from loralab.deploy.gguf_lora import write_gguf_lora
 
@@ -62,7 +62,7 @@ def gguf_files(cfg: Config, loaded, adapters: dict[str, str]) -> tuple[Path, dic
                 write_gguf_lora(adapters[name], loaded.model.config, path)
         if not base.is_file():
             staging = base.with_name(f".{base.name}.tmp")
-            write_gguf(loaded.model.float(), loaded.tokenizer, staging, "f16", "base", _source_pre_tokenizer(loaded.local_dir))
+            write_gguf(loaded.model.float(), loaded.tokenizer, staging, "f16", "base", source_pre_tokenizer(loaded.local_dir))
             staging.replace(base)
     return base, loras
 
@@ -155,7 +155,7 @@ class LlamaCppEngine:
         return slot, reuse
 
     async def _serve(self, request: Request) -> None:
-        row = _Row(request, self.tokenizer)
+        row = Row(request, self.tokenizer)
         try:
             async with self._slots:
                 if not request.cancelled.is_set():
@@ -177,7 +177,7 @@ class LlamaCppEngine:
         finally:
             self.stats["in_flight"] -= 1
 
-    async def _stream(self, request: Request, row: _Row, slot: int, reuse_cache: bool) -> None:
+    async def _stream(self, request: Request, row: Row, slot: int, reuse_cache: bool) -> None:
         self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         async with self._client.post("/completion", json=self.body(request, slot, reuse_cache)) as response:
             if response.status != 200:
