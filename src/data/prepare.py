@@ -142,6 +142,21 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _field_text(value: Any, where: str, what: str) -> str:
+    """`value` as non-empty text (a number counts: CSV and JSON numbers are answers too), or one
+    LoralabError saying whether it is empty or not text at all (a list is not an empty answer)."""
+    if isinstance(value, bool) or not (value is None or isinstance(value, (str, int, float))):
+        raise LoralabError(f"{where}: {what} is {_kind(value)}, expected text")
+    text = _text(value)
+    if text is None or not text.strip():
+        raise LoralabError(f"{where}: empty {what}")
+    return text
+
+
 def _detect_schema(row: dict, cfg: DataConfig) -> str:
     if cfg.format in ("alpaca", "sharegpt"):
         return cfg.format
@@ -163,14 +178,14 @@ def _sharegpt_messages(row: dict, where: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise LoralabError(f"{where}: turn {index} is not an object")
         role = turn.get("from", turn.get("role"))
-        content = _text(turn.get("value", turn.get("content")))
         if role not in SHAREGPT_ROLES:
             raise LoralabError(f"{where}: turn {index} has unknown role {role!r} (expected one of {sorted(SHAREGPT_ROLES)})")
-        if content is None or not content.strip():
-            raise LoralabError(f"{where}: turn {index} ({role}) has empty content")
+        content = _field_text(turn.get("value", turn.get("content")), where, f"content of turn {index} ({role})")
         messages.append({"role": SHAREGPT_ROLES[role], "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise LoralabError(f"{where}: conversation has no assistant turn to learn from")
+    if not any(m["role"] == "user" for m in messages):
+        raise LoralabError(f"{where}: conversation has no user turn (no question to train on or evaluate)")
     return messages
 
 
@@ -185,11 +200,11 @@ def row_to_record(row: Any, where: str, cfg: DataConfig, source: str) -> dict:
         for name in ("instruction", "output"):
             if name not in row:
                 raise LoralabError(f"{where}: missing field '{name}' (alpaca records need instruction and output)")
-        instruction, extra, output = _text(row["instruction"]), _text(row.get("input")) or "", _text(row["output"])
-        if not instruction or not instruction.strip():
-            raise LoralabError(f"{where}: empty instruction")
-        if not output or not output.strip():
-            raise LoralabError(f"{where}: empty answer (field 'output')")
+        instruction = _field_text(row["instruction"], where, "instruction")
+        output = _field_text(row["output"], where, "answer (field 'output')")
+        extra = row.get("input") or ""  # optional context: absent or blank is fine, a list is not
+        if not isinstance(extra, str) or extra.strip():
+            extra = _field_text(extra, where, "input")
         question = instruction.strip() + ("\n\n" + extra.strip() if extra.strip() else "")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": output}]
         if _text(row.get("system")):
@@ -203,11 +218,8 @@ def row_to_record(row: Any, where: str, cfg: DataConfig, source: str) -> dict:
         if a_name is None or a_name not in row:
             wanted = cfg.answer_field or "/".join(ANSWER_FIELDS)
             raise LoralabError(f"{where}: missing answer field '{wanted}' (use --answer-field to name it)")
-        question, answer = _text(row[q_name]), _text(row[a_name])
-        if question is None or not question.strip():
-            raise LoralabError(f"{where}: empty question (field '{q_name}')")
-        if answer is None or not answer.strip():
-            raise LoralabError(f"{where}: empty answer (field '{a_name}')")
+        question = _field_text(row[q_name], where, f"question (field '{q_name}')")
+        answer = _field_text(row[a_name], where, f"answer (field '{a_name}')")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     task = _text(row.get(cfg.task_field)) if cfg.task_field else None
     return {
@@ -360,6 +372,18 @@ def to_processed(record: dict) -> dict:
     }
 
 
+def _check_splits(cfg: DataConfig, splits: dict[str, list[dict]], processed: list[dict]) -> None:
+    """Refuse a split that would be empty (unless its fraction is 0 by choice): an empty test split
+    would be evaluated as if it said something."""
+    groups = len({r["group"] for r in processed})
+    fractions = {"train": 1.0, "eval": cfg.eval_fraction, "test": cfg.test_fraction}
+    for name in SPLITS:
+        if fractions[name] > 0 and not splits[name]:
+            raise LoralabError(f"{cfg.dataset}: the {name} split would be empty: {len(processed)} usable rows with {groups} "
+                               f"distinct questions; a split needs at least 3 distinct questions in one task "
+                               f"(one each for train, eval and test)")
+
+
 def prepare_dataset(cfg: DataConfig) -> dict[str, Any]:
     """Run the whole preparation; writes the files only when every step succeeded."""
     raw = load_raw_records(cfg)
@@ -368,8 +392,7 @@ def prepare_dataset(cfg: DataConfig) -> dict[str, Any]:
         raise LoralabError(f"{cfg.dataset}: no usable rows after cleaning and deduplication")
     processed = [to_processed(r) for r in processed]
     splits = split_records(processed, cfg.eval_fraction, cfg.test_fraction, cfg.seed)
-    if not splits["train"]:
-        raise LoralabError(f"{cfg.dataset}: too few rows to make a training split ({len(processed)} usable)")
+    _check_splits(cfg, splits, processed)
     card = {
         "dataset": cfg.dataset,
         "seed": cfg.seed,

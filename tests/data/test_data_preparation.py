@@ -104,6 +104,17 @@ def test_sharegpt_multi_turn(tmp_path):
             '{"conversations": [{"from": "human", "value": "hi"}]}\n',
             r"sg\.jsonl:1: conversation has no assistant turn",
         ),
+        ("nouser.jsonl", '{"conversations": [{"from": "gpt", "value": "hi"}]}\n',
+         r"nouser\.jsonl:1: conversation has no user turn"),
+        ("typed.jsonl", '{"question": 5, "answer": ["x"]}\n',
+         r"typed\.jsonl:1: answer \(field 'answer'\) is a list, expected text"),
+        ("typedq.jsonl", '{"question": {"q": 1}, "answer": "x"}\n',
+         r"typedq\.jsonl:1: question \(field 'question'\) is an object"),
+        ("typedsg.jsonl", '{"conversations": [{"from": "human", "value": true}, {"from": "gpt", "value": "x"}]}\n',
+         r"typedsg\.jsonl:1: content of turn 0 \(human\) is a boolean, expected text"),
+        ("typedalpaca.json", '[{"instruction": "do", "input": ["a"], "output": "x"}]', r"typedalpaca\.json:1: input is a list"),
+        ("two.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n',
+         r"two\.jsonl: the (eval|test) split would be empty: 2 usable rows with 2 distinct questions; a split needs at least 3"),
     ],
 )
 def test_bad_input_names_file_and_line(tmp_path, name, content, message):
