@@ -101,31 +101,19 @@ def load_level(url: str, clients: int, requests: int, max_tokens: int, body_of) 
             "itl_p50_ms": round(1000 * _percentile(gaps, 0.5), 1), "itl_p99_ms": round(1000 * _percentile(gaps, 0.99), 1)}
 
 
-def _wait(url: str, process: subprocess.Popen, log: Path, seconds: float = 300) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit(f"server did not start in {seconds:.0f} s")
-
-
 @contextmanager
 def loralab_server(args: list[str], max_batch: int):
+    from loralab.deploy.llama_cpp import wait_healthy
     from loralab.util.net import free_port
 
     port = free_port()
-    log = Path(tempfile.mkstemp(suffix=".log")[1])
+    log = tempfile.NamedTemporaryFile(suffix=".log", delete=False)  # kept: the server's log, for a look afterwards
     env = {**os.environ, "LORALAB_API_KEY": ""}
     process = subprocess.Popen([sys.executable, "-m", "loralab", "serve", "--port", str(port), "--set", "serve.max_queue=256",
                                 "--set", f"serve.max_batch={max_batch}", *args], cwd=REPO, env=env,
-                               stdout=log.open("w"), stderr=subprocess.STDOUT)
+                               stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait(f"http://127.0.0.1:{port}", process, log)
+        wait_healthy(f"http://127.0.0.1:{port}", process, log, 300, name="loralab serve")
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()

@@ -161,7 +161,7 @@ def llama_server(model: str | Path, loras: Sequence[str | Path] = (), *, paralle
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_healthy(url, process, log, startup_s)
+            wait_healthy(url, process, log, startup_s)
             yield url
         finally:
             process.terminate()
@@ -183,13 +183,15 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float, name: str = "llama-server") -> None:
+    """Return once `url`/health answers 200; LoralabError with the last lines of `log` (the binary
+    file the process writes to, read only after it exited) if it dies or takes over `startup_s`."""
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
             tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise LoralabError(f"llama-server exited with {process.returncode}: {' | '.join(tail)}")
+            raise LoralabError(f"{name} exited with {process.returncode}: {' | '.join(tail)}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
                 if response.status == 200:
@@ -197,7 +199,7 @@ def _wait_healthy(url: str, process: subprocess.Popen, log, startup_s: float) ->
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.2)
-    raise LoralabError(f"llama-server did not answer {url}/health within {startup_s:.0f} s")
+    raise LoralabError(f"{name} did not answer {url}/health within {startup_s:.0f} s")
 
 
 def complete(url: str, prompt: list[int], n_predict: int, *, lora_scales: Sequence[float] | None = None,

@@ -9,7 +9,6 @@ model: SmolLM2 with the committed adapter (lora/), PEFT unmerged, fp32.
 The export's own checks (through transformers) run here too. With CI=true a missing llama-server
 fails the llama.cpp tests instead of skipping them."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from loralab.deploy import llama_cpp
 from loralab.deploy.export import export
 from loralab.deploy.gguf import write_gguf
 
-from helpers.data import outputs_under
+from helpers.data import first_eval_row_per_task, outputs_under
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -51,8 +50,7 @@ def exported(tmp_path_factory, smol_dir):
 def reference(smol_dir):
     """Prompts (token ids) and reference answers, with base + adapter's greedy answers and answer-position argmax."""
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
-    rows = json.loads((REPO / "data" / "eval_split.json").read_text())
-    rows = [next(r for r in rows if r["task"] == task) for task in dict.fromkeys(r["task"] for r in rows)][:5]
+    rows = first_eval_row_per_task(5)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol_dir, dtype=torch.float32), REPO / "lora").eval()
     cases = []
     with torch.no_grad():

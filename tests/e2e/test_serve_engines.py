@@ -3,7 +3,6 @@
 the same routes, key, adapter names and metrics, and takes its llama-server down with it."""
 
 import concurrent.futures
-import json
 import os
 import time
 import urllib.error
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.data import first_eval_row_per_task
 from helpers.serving import start_server
 
 pytestmark = pytest.mark.e2e
@@ -20,17 +20,15 @@ KEY = "engines-key"
 QUESTIONS = 5
 
 
-def _questions() -> list[str]:
-    rows = json.loads((REPO / "data" / "eval_split.json").read_text())
-    return [next(r for r in rows if r["task"] == task)["question"] for task in dict.fromkeys(r["task"] for r in rows)][:QUESTIONS]
 
 
 def _answers(url: str, model: str, questions: int = QUESTIONS) -> list[str]:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    return [client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}], max_tokens=24,
-                                           temperature=0).choices[0].message.content for q in _questions()[:questions]]
+    rows = first_eval_row_per_task(questions)
+    return [client.chat.completions.create(model=model, messages=[{"role": "user", "content": r["question"]}], max_tokens=24,
+                                           temperature=0).choices[0].message.content for r in rows]
 
 
 def _children(pid: int) -> list[int]:

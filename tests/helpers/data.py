@@ -36,3 +36,9 @@ def outputs_under(cfg: Config, root: Path) -> Config:
     cfg.prune.runs_dir = str(root / "prune")
     cfg.prune.out_dir = str(root / "pruned")
     return cfg
+
+
+def first_eval_row_per_task(n: int) -> list[dict]:
+    """The committed eval split's first row of each task, in the order tasks first appear, at most n."""
+    rows = json.loads((Path(__file__).resolve().parents[2] / "data" / "eval_split.json").read_text())
+    return [next(r for r in rows if r["task"] == task) for task in dict.fromkeys(r["task"] for r in rows)][:n]

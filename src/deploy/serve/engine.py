@@ -90,6 +90,13 @@ class Row:
             self.sent = ready
 
 
+def eos_ids(generation_config, tokenizer) -> set[int]:
+    """Every token id that ends an answer: the generation config's (one or a list) and the tokenizer's."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    eos = eos if isinstance(eos, list) else [eos]
+    return {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+
+
 def _choose(logits: torch.Tensor, rows: list[Row]) -> list[int]:
     """Greedy for temperature 0, else nucleus sampling with the request's own generator."""
     greedy = logits.argmax(dim=-1).tolist()
@@ -181,9 +188,7 @@ class Engine:
         self.batch_wait_s = batch_wait_s
         self.prefill_chunk = prefill_chunk
         self.queue: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
-        eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.eos_ids = eos_ids(getattr(model, "generation_config", None), tokenizer)
         self.device = next(self.model.parameters()).device
         self.metrics = ServeMetrics(queue_depth=self.queued)
         self.stats = {"decode_steps": 0, "prefill_chunks": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from loralab.config import Config
-from loralab.deploy.serve.engine import BASE, QueueFull, Request, Row
+from loralab.config import Config, ModelConfig
+from loralab.deploy.serve.engine import BASE, QueueFull, Request, Row, eos_ids
 from loralab.deploy.serve.metrics import ServeMetrics
 from loralab.deploy.serve.protocol import Event
 from loralab.util.atomic_io import file_lock
@@ -43,28 +43,46 @@ def _identity(*paths: Path) -> str:
     return hashlib.sha1("|".join(stats).encode()).hexdigest()[:12]
 
 
-def gguf_files(cfg: Config, loaded, adapters: dict[str, str]) -> tuple[Path, dict[str, Path]]:
-    """The F16 base GGUF and one GGUF adapter per served adapter, written unless already cached.
-    Raises LoralabError for what GGUF cannot express (an architecture, DoRA, IA3, ...)."""
+def gguf_files(cfg: Config, model_cfg: ModelConfig, adapters: dict[str, str]) -> tuple[Path, Path, dict[str, Path]]:
+    """The model's Hugging Face directory, its F16 GGUF and one GGUF adapter per served adapter,
+    written unless already cached (the model's weights are loaded only to write the GGUF). Raises
+    LoralabError for what GGUF cannot express (an architecture, DoRA, IA3, ...)."""
+    from transformers import AutoConfig
+
     from loralab.deploy.export import source_pre_tokenizer
     from loralab.deploy.gguf import write_gguf
     from loralab.deploy.gguf_lora import write_gguf_lora
+    from loralab.model_utils import load_base_model, resolve_model_dir
 
+    local_dir, _ = resolve_model_dir(model_cfg)
+    try:
+        model_config = AutoConfig.from_pretrained(local_dir)
+    except Exception as exc:  # noqa: BLE001
+        raise LoralabError(f"{local_dir}: cannot read its model config ({type(exc).__name__}: {exc})") from None
     cache = Path(cfg.model.cache_dir) / "gguf"
     cache.mkdir(parents=True, exist_ok=True)
-    weights = sorted(Path(loaded.local_dir).glob("*.safetensors")) or [Path(loaded.local_dir) / "config.json"]
+    weights = sorted(Path(local_dir).glob("*.safetensors")) or [Path(local_dir) / "config.json"]
     base = cache / f"base-{_identity(*weights)}.F16.gguf"
     loras = {name: cache / f"{name}-{_identity(Path(d) / 'adapter_model.safetensors', Path(d) / 'adapter_config.json')}.lora.gguf"
              for name, d in adapters.items()}
     with file_lock(cache / ".lock"):  # two servers starting together write each file once
         for name, path in loras.items():
             if not path.is_file():
-                write_gguf_lora(adapters[name], loaded.model.config, path)
-        if not base.is_file():
-            staging = base.with_name(f".{base.name}.tmp")
-            write_gguf(loaded.model.float(), loaded.tokenizer, staging, "f16", "base", source_pre_tokenizer(loaded.local_dir))
-            staging.replace(base)
-    return base, loras
+                write_gguf_lora(adapters[name], model_config, path)
+        if not base.is_file():  # write_gguf stages the file and renames it: never half a GGUF under this name
+            loaded = load_base_model(model_cfg, torch.device("cpu"))
+            write_gguf(loaded.model.float(), loaded.tokenizer, base, "f16", "base", source_pre_tokenizer(local_dir))
+    return local_dir, base, loras
+
+
+def _generation_config(local_dir: Path):
+    """What the model's `generation_config` would be, without loading its weights."""
+    from transformers import AutoConfig, GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(local_dir)
+    except OSError:  # no generation_config.json: transformers derives it from the model config
+        return GenerationConfig.from_model_config(AutoConfig.from_pretrained(local_dir))
 
 
 class LlamaCppEngine:
@@ -203,7 +221,7 @@ def load_llama_cpp(cfg: Config, device: torch.device) -> tuple[LlamaCppEngine, o
     """The gateway engine for cfg.serve and its tokenizer, or LoralabError saying why llama.cpp
     cannot serve it here."""
     from loralab.deploy.llama_cpp import require
-    from loralab.model_utils import load_base_model
+    from loralab.model_utils import load_tokenizer
 
     s = cfg.serve
     require()
@@ -211,11 +229,9 @@ def load_llama_cpp(cfg: Config, device: torch.device) -> tuple[LlamaCppEngine, o
         raise LoralabError(f"the llama.cpp engine here is a CPU build; model.device resolves to {device.type}")
     if s.int8:
         raise LoralabError("serve.int8 is a PyTorch quantization; llama.cpp serves GGUF (export gguf-q8_0 instead)")
-    model_path = s.merged_model or cfg.model.name_or_path
-    loaded = load_base_model(dataclasses.replace(cfg.model, name_or_path=model_path), torch.device("cpu"))
-    base, loras = gguf_files(cfg, loaded, {} if s.merged_model else s.adapters)
-    eos = loaded.model.generation_config.eos_token_id
-    eos_ids = {i for i in [*(eos if isinstance(eos, list) else [eos]), loaded.tokenizer.eos_token_id] if i is not None}
-    engine = LlamaCppEngine(base, loras, loaded.tokenizer, eos_ids, s.max_batch, s.max_queue,
-                            context=s.max_prompt_tokens + s.max_tokens_limit)
-    return engine, loaded.tokenizer
+    model_cfg = dataclasses.replace(cfg.model, name_or_path=s.merged_model or cfg.model.name_or_path)
+    local_dir, base, loras = gguf_files(cfg, model_cfg, {} if s.merged_model else s.adapters)
+    tokenizer = load_tokenizer(local_dir)
+    engine = LlamaCppEngine(base, loras, tokenizer, eos_ids(_generation_config(local_dir), tokenizer), s.max_batch,
+                            s.max_queue, context=s.max_prompt_tokens + s.max_tokens_limit)
+    return engine, tokenizer
