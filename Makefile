@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run quick test test-fast lint setup llama-cpp clean
+.PHONY: run quick test test-fast lint setup llama-cpp browser clean
 
 run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled defaults
 	$(BIN)/loralab run
@@ -12,7 +12,7 @@ run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled 
 quick: $(STAMP)  ## the same pipeline in about 2 minutes, under runs/quick/
 	$(BIN)/loralab run --quick
 
-test: lint llama-cpp  ## lint, llama.cpp (built once per machine), then the whole suite (tiny models, SmolLM2, llama.cpp)
+test: lint llama-cpp browser  ## lint, llama.cpp (built once per machine), Chromium, then the whole suite
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15  # one worker per core; a module's tests stay together
 
 test-fast: $(STAMP)  ## unit tests only
@@ -27,6 +27,11 @@ setup: $(STAMP)
 # into ~/.cache/loralab/llama.cpp/ (LORALAB_CACHE moves it); about 7 minutes on 2 cores, once per machine.
 llama-cpp: $(STAMP)
 	$(BIN)/python -m loralab.deploy.llama_cpp
+
+# Debian's Chromium for the UI's browser tests (Playwright drives it; it downloads no browser of its own).
+browser:
+	@test -x /usr/bin/chromium || { sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 # Re-installs only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml

@@ -16,6 +16,7 @@
     loralab domains  [--quick]                  # specialists + mixture, cross-evaluated; experiments/domain_transfer.md
     loralab prune    [--adapter DIR] [--method M] [--sparsity S] [--source merged|base] [--recover] [--study]
                                                 # a pruned HF directory; --study: experiments/pruning_study.md
+    loralab ui       [--host H] [--port P]      # local web dashboard (runs, launch, compare, playground, data)
     loralab analysis                            # experiments/optimization_analysis.md from the committed results
     loralab config                              # print the resolved config as YAML
 
@@ -34,18 +35,14 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from importlib.resources import as_file, files
+from importlib.resources import as_file
 from typing import Any
 
 import yaml
 
-from loralab.config import Config, PruneMethod, PruneSource, ServeEngine, choices, load_config
+from loralab.config import QUICK_PRESET, Config, PruneMethod, PruneSource, ServeEngine, choices, load_config
 from loralab.util.errors import LoralabError
 from loralab.util.library_noise import quiet_library_noise
-
-# Presets ship inside the package (src/presets/), so `--quick` works from any install and any folder.
-PRESETS = files("loralab") / "presets"
-QUICK_PRESET = PRESETS / "quick.yaml"
 
 INTERRUPTED = 130  # the shell's code for Ctrl-C; also when training stopped early on a signal
 BAD_INPUT = 2  # argparse's code for a bad command line, and ours for any LoralabError
@@ -191,6 +188,13 @@ def run_prune(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_ui(cfg: Config, args: argparse.Namespace) -> int:
+    from loralab.ui.app import run_ui as ui
+
+    ui(cfg)
+    return 0
+
+
 def run_analysis(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.studies.analysis import write_analysis
 
@@ -274,6 +278,10 @@ VERBS: tuple[Verb, ...] = (
              flag("--study", action="store_true",
                   help="every prune.study_points point, measured; experiments/pruning_study.md (resumable)"),
          )),
+    Verb("ui", "local web dashboard: runs, launch, compare, playground, data (token in the printed URL)", run_ui, (
+        flag("--host", sets="ui.host", help="bind address (default 127.0.0.1)"),
+        flag("--port", sets="ui.port", type=int, help="port (default: a free one)"),
+    )),
     Verb("analysis", "rebuild experiments/optimization_analysis.md from the committed results", run_analysis),
     Verb("config", "print the resolved configuration", print_config),
 )

@@ -16,6 +16,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +41,10 @@ Pruner = Literal["median", "hyperband", "none"]
 PruneMethod = Literal["magnitude", "wanda", "wanda-2:4", "heads", "mlp", "layers"]
 PruneSource = Literal["merged", "base"]
 ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-lora"]
+
+# Presets ship inside the package (src/presets/), so `--quick` works from any install and any folder.
+PRESETS = files("loralab") / "presets"
+QUICK_PRESET = PRESETS / "quick.yaml"
 
 # Field metadata of a setting that changes where or how fast a run goes, never what it learns or
 # measures (paths, the device, speed switches): it stays out of `run_identity`.
@@ -581,6 +586,22 @@ class DomainsConfig(Section):
 
 
 @dataclass
+class UiConfig(Section):
+    """`loralab ui`: the local web dashboard (docs/ui.md)."""
+
+    name: ClassVar[str] = "ui"
+
+    host: str = "127.0.0.1"  # loopback: the token guards every route, the bind keeps it off the network
+    port: int = 0  # 0: a free port
+    jobs_dir: str = "runs/ui/jobs"  # each job's config, output and state; its run under runs/ui/<job>/
+    max_running_jobs: int = 1  # the rest queue, so two trainings never share the cores
+
+    def check_ranges(self) -> None:
+        _check(0 <= self.port <= 65535, "ui.port", self.port, "must be a TCP port (0-65535, 0: a free one)")
+        self._at_least("max_running_jobs", 1)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -594,6 +615,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -603,6 +625,26 @@ class Config:
         for name in _section_names():
             getattr(self, name).validate()
         return self
+
+
+def outputs_under(cfg: Config, root: str | Path) -> Config:
+    """Point every file a run writes at `root` (each section's output root; its file names derive
+    from it), so the run never touches the committed results: what tests and `loralab ui` jobs use."""
+    root = Path(root)
+    cfg.data.out_dir = str(root / "data")
+    cfg.train.run_dir = str(root / "run")
+    cfg.train.output_dir = str(root / "lora")
+    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains, cfg.prune):
+        section.results_dir = str(root)
+    cfg.tune.runs_dir = str(root / "tune")
+    cfg.tune.storage = f"sqlite:///{root / 'tune' / 'study.db'}"
+    cfg.sweep.runs_dir = str(root / "tune" / "sweep")
+    cfg.compare.runs_dir = str(root / "compare")
+    cfg.domains.runs_dir = str(root / "domains")
+    cfg.export.out_dir = str(root / "export")
+    cfg.prune.runs_dir = str(root / "prune")
+    cfg.prune.out_dir = str(root / "pruned")
+    return cfg
 
 
 def run_identity(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -25,6 +25,7 @@ LAYERS = {
     "data_preparation": 6, "fine_tune_lora": 6, "evaluation": 6, "pipeline": 6,  # the spec's entry points
     "studies": 7, "deploy": 7,
     "prune": 8,  # measures through studies' runner and deploy's speed and GGUF code
+    "ui": 8,  # the dashboard: reads what training, studies and data write; mounts deploy's serving app
     "cli": 9, "__main__": 10, "__init__": 10,
 }
 

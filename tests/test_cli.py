@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from loralab import cli
-from loralab.cli import PRESETS, QUICK_PRESET, VERBS, build_parser, load_verb_config, main
-from loralab.config import Config
+from loralab.cli import VERBS, build_parser, load_verb_config, main
+from loralab.config import PRESETS, QUICK_PRESET, Config
 
 
 def _config_for(argv: list[str]) -> Config:

@@ -1,7 +1,7 @@
 import pytest
 
-from loralab.cli import QUICK_PRESET, main
-from loralab.config import Config, MethodName, TrainConfig, choices, load_config, run_digest, run_identity
+from loralab.cli import main
+from loralab.config import QUICK_PRESET, Config, MethodName, TrainConfig, choices, load_config, run_digest, run_identity
 from loralab.util.errors import LoralabError
 
 

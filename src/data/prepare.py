@@ -230,11 +230,13 @@ def row_to_record(row: Any, where: str, cfg: DataConfig, source: str) -> dict:
     }
 
 
-def load_user_dataset(cfg: DataConfig) -> list[dict]:
+def load_user_dataset(cfg: DataConfig, skipped: list[str] | None = None) -> list[dict]:
+    """The dataset's rows as records; with data.skip_invalid, each skipped row's reason goes to `skipped`."""
+    skipped = [] if skipped is None else skipped
     path = Path(cfg.dataset)
     if cfg.format not in FORMATS:
         raise LoralabError(f"--format {cfg.format!r}: expected one of {', '.join(FORMATS)}")
-    records, skipped = [], 0
+    records = []
     for line, row in read_rows(path, cfg.format):
         where = f"{path}:{line}"
         try:
@@ -242,13 +244,13 @@ def load_user_dataset(cfg: DataConfig) -> list[dict]:
         except LoralabError as exc:
             if not cfg.skip_invalid:
                 raise
-            skipped += 1
+            skipped.append(str(exc))
             print(f"warning: skipped {exc}", file=sys.stderr)
             continue
         record["id"] = f"{path.stem}-{line:06d}"
         records.append(record)
     if not records:
-        extra = f" ({skipped} invalid rows skipped)" if skipped else ""
+        extra = f" ({len(skipped)} invalid rows skipped)" if skipped else ""
         raise LoralabError(f"{path}: no usable rows{extra}")
     return records
 
@@ -276,10 +278,10 @@ def _builtin_records(name: str, cfg: DataConfig) -> list[dict]:
     return records
 
 
-def load_raw_records(cfg: DataConfig) -> list[dict]:
+def load_raw_records(cfg: DataConfig, skipped: list[str] | None = None) -> list[dict]:
     if cfg.dataset.startswith("builtin:"):
         return _builtin_records(cfg.dataset.removeprefix("builtin:"), cfg)
-    return load_user_dataset(cfg)
+    return load_user_dataset(cfg, skipped)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,7 +388,8 @@ def _check_splits(cfg: DataConfig, splits: dict[str, list[dict]], processed: lis
 
 def prepare_dataset(cfg: DataConfig) -> dict[str, Any]:
     """Run the whole preparation; writes the files only when every step succeeded."""
-    raw = load_raw_records(cfg)
+    skipped: list[str] = []
+    raw = load_raw_records(cfg, skipped)
     processed, stats = clean_and_deduplicate(raw)
     if not processed:
         raise LoralabError(f"{cfg.dataset}: no usable rows after cleaning and deduplication")
@@ -403,6 +406,8 @@ def prepare_dataset(cfg: DataConfig) -> dict[str, Any]:
         "tasks": {name: dict(Counter(r["task"] for r in rows)) for name, rows in splits.items()},
         "sources_and_licenses": dict(Counter(r["license"] for r in processed)),
     }
+    if skipped:  # data.skip_invalid: what was left out and why (the first 50 reasons)
+        card["skipped_invalid_rows"] = {"count": len(skipped), "first": skipped[:50]}
     out = Path(cfg.out_dir)
     files = {
         "raw_dataset.json": raw,

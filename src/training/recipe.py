@@ -59,6 +59,7 @@ from loralab.training.eval_loss import answer_loss_sums, mean_answer_loss
 from loralab.training.log import TrainLog, peak_rss_mb, plot_losses
 from loralab.training.numerics import hold_frozen_weights_in, resolve_frozen_dtype
 from loralab.training.stop import StopRequest
+from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 
 # Re-exported while callers move to the modules above (training/batching, log, checkpoint, numerics, eval_loss, stop).
@@ -181,6 +182,8 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False) -> TrainState:
                        if dp.is_main else None)
     start_step = _resume_or_start_fresh(cfg, method, dp, model, optimizer, scheduler, resume)
     n_trainable, n_total = count_parameters(model)
+    if dp.is_main:  # what `loralab ui` reads to show a run while it trains, before training_args.json exists
+        atomic_io.write_json(run_dir / "config.json", cfg.to_dict())
     state = TrainState(
         cfg=cfg, method=method, dp=dp, amp_dtype=amp_dtype, frozen_dtype=frozen_dtype, model=model,
         tokenizer=loaded.tokenizer, base_name=loaded.base_name, base_local_dir=loaded.local_dir,
@@ -306,6 +309,7 @@ def loop(
             completed = step
             entry = {
                 "step": step,
+                "total_steps": state.total_steps,
                 "epoch": round(step / state.steps_per_epoch, 3),
                 "loss": round(last_loss, 5),
                 "eval_loss": None,

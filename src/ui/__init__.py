@@ -1,0 +1,1 @@
+"""`loralab ui`: a local web dashboard over the same files and functions as the CLI (docs/ui.md)."""

@@ -1,0 +1,312 @@
+"""`loralab ui`: the local web app. FastAPI, which `loralab serve` already uses, so the Playground
+mounts the serving app itself rather than a second client of it; one static page with Chart.js
+vendored from the npm registry (no CDN, no build step). Every route, the page and its assets
+included, needs the access token printed at start (as Jupyter does)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.middleware.base import BaseHTTPMiddleware
+
+from loralab.config import Config
+from loralab.ui import datasets, runs, studies
+from loralab.ui.form import VERBS, form_fields
+from loralab.ui.jobs import Jobs
+from loralab.ui.paths import OutsideProject, Project
+from loralab.ui.playground import Playground, adapter_name, servable, serve_config
+from loralab.ui.reports import render_markdown
+from loralab.util.errors import LoralabError
+
+STATIC = files("loralab.ui") / "static"
+COOKIE = "loralab_ui_token"
+MAX_BODY_BYTES = 32 * 1024 * 1024  # an uploaded dataset travels as JSON text
+
+
+@dataclass
+class UiState:
+    cfg: Config
+    project: Project
+    token: str
+    jobs: Jobs
+    playground: Playground
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+class TokenCheck(BaseHTTPMiddleware):
+    """401 without the token (cookie, bearer header or ?token=); a page opened with ?token= gets the cookie."""
+
+    def __init__(self, app, token: str):
+        super().__init__(app)
+        self.token = token
+
+    async def dispatch(self, request: Request, call_next):
+        given = (request.cookies.get(COOKIE) or request.query_params.get("token")
+                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+        if not secrets.compare_digest(given.encode(), self.token.encode()):
+            return JSONResponse({"error": "missing or wrong token: open the URL `loralab ui` printed"}, status_code=401)
+        response = await call_next(request)
+        if request.query_params.get("token"):
+            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+        return response
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _guarded(handler):
+    """A route's user errors as one-line JSON: 400 bad input, 403 outside the project, 404 unknown id."""
+    import functools
+
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except OutsideProject as exc:
+            return _error(403, str(exc))
+        except LoralabError as exc:
+            return _error(400, str(exc))
+        except KeyError as exc:
+            return _error(404, f"not found: {exc.args[0] if exc.args else ''}")
+    return wrapper
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > MAX_BODY_BYTES:
+        raise LoralabError(f"request body over {MAX_BODY_BYTES // 2**20} MiB")
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        raise LoralabError("request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise LoralabError("request body must be a JSON object")
+    return data
+
+
+# --- views: the same files the CLI writes, shaped for the page ---------------------------------------------
+
+def run_summary(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
+    entries = runs.curve(state.project, run)
+    total = runs.total_steps(run, entries)
+    status = runs.status(run, entries, state.jobs.status_of_run(run.id))
+    lora, train = run.section("lora"), run.section("train")
+    args = run.training_args or {}
+    last_eval = next((e.get("eval_loss") for e in reversed(entries) if e.get("eval_loss") is not None), None)
+    updated = max((p.stat().st_mtime for p in (run.adapter_dir / "training_args.json",
+                                              *([run.run_dir / "log.jsonl"] if run.run_dir else []))
+                   if p.is_file()), default=None)
+    # A config from before lora.method existed trained plain LoRA, the only method then.
+    return {"id": run.id, "name": run.id, "path": run.id, "status": status, "method": lora.get("method", "lora"),
+            "r": lora.get("r"), "learning_rate": train.get("learning_rate"),
+            "steps": entries[-1]["step"] if entries else (total if run.done else 0), "total_steps": total,
+            "final_eval_loss": args.get("final_eval_loss", last_eval), "updated": updated,
+            "progress": runs.progress(entries, total) if status in ("running", "queued") else None,
+            "servable": servable(run)}
+
+
+def run_detail(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
+    detail = run_summary(state, run)
+    entries = runs.curve(state.project, run)
+    detail["curve"] = [{k: e.get(k) for k in ("step", "loss", "eval_loss", "tokens_per_s", "elapsed_s")} for e in entries]
+    detail["config"] = run.config
+    evaluation = _evaluation(state, run)
+    detail["eval"], detail["samples"], detail["report_html"] = evaluation
+    return detail
+
+
+def _evaluation(state: UiState, run: runs.RunFiles) -> tuple[dict | None, list, str | None]:
+    """The run's eval_results.json and report.md, when they evaluated this adapter."""
+    results_path = runs.result_file(state.project, run, "eval", "results_json", "eval_results.json")
+    results = runs.read_json(results_path) if results_path else None
+    if not isinstance(results, dict) or not _same_path(state.project, results.get("adapter_dir"), run.adapter_dir):
+        return None, [], None
+    models = results.get("models", {})
+    headline: dict[str, Any] = {"split": results.get("split"), "examples": results.get("examples")}
+    for name, label in (("base", "base"), ("fine_tuned", "fine-tuned")):
+        scores = models.get(name, {})
+        headline[f"{label} perplexity"] = scores.get("perplexity")
+        headline[f"{label} domain accuracy %"] = scores.get("domain_accuracy")
+    for key, value in results.get("summary", {}).items():
+        headline[key.replace("_", " ")] = value
+    report_path = runs.result_file(state.project, run, "eval", "report_md", "report.md")
+    report = render_markdown(state.project, report_path) if report_path else None
+    return headline, results.get("samples", []), report
+
+
+def _same_path(project: Project, recorded: str | None, path: Path) -> bool:
+    return recorded is not None and runs.inside(project, recorded) == path
+
+
+# --- the app ------------------------------------------------------------------------------------------------
+
+def create_app(state: UiState) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.jobs.start()
+        yield
+        state.jobs.stop()
+        state.playground.stop()
+
+    app = FastAPI(title="loralab ui", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(TokenCheck, token=state.token)
+    app.mount("/playground", state.playground)
+    project = state.project
+
+    @app.get("/")
+    async def index():
+        return Response((STATIC / "index.html").read_bytes(), media_type="text/html")
+
+    @app.get("/static/{name:path}")
+    @_guarded
+    async def static(name: str):
+        path = Path(str(STATIC)).resolve() / name
+        if Path(str(STATIC)).resolve() not in path.resolve().parents or not path.is_file():
+            raise KeyError(name)
+        return FileResponse(path)
+
+    @app.get("/files/{name:path}")
+    @_guarded
+    async def project_file(name: str):
+        path = project.resolve(name)
+        if not path.is_file():
+            raise KeyError(name)
+        return FileResponse(path)
+
+    @app.get("/api/runs")
+    async def list_runs():
+        found = runs.find_runs(project)
+        items = sorted((run_summary(state, run) for run in found.values()), key=lambda r: -(r["updated"] or 0))
+        study_items = [{"id": sid, "kind": kind, "title": f"{kind}: {sid}", "path": sid,
+                        "updated": path.stat().st_mtime} for sid, (kind, path) in sorted(studies.find_studies(project).items())]
+        return {"runs": items, "studies": study_items}
+
+    @app.get("/api/runs/detail")
+    @_guarded
+    async def one_run(id: str):
+        project.resolve(id)
+        return run_detail(state, runs.find_runs(project)[id])
+
+    @app.get("/api/studies/detail")
+    @_guarded
+    async def one_study(id: str):
+        path = project.resolve(id)
+        kind, found = studies.find_studies(project)[project.relative(path)]
+        return {"id": id, "kind": kind, "title": f"{kind}: {id}", "path": id, **studies.study_view(kind, found),
+                "report_html": render_markdown(project, studies.report_path(kind, found))}
+
+    @app.get("/api/form")
+    async def form():
+        return {"verbs": list(VERBS), "presets": ["quick"], "fields": form_fields()}
+
+    @app.post("/api/jobs")
+    @_guarded
+    async def submit(request: Request):
+        body = await _json_body(request)
+        job = state.jobs.submit(str(body.get("verb")), body.get("settings") or {}, bool(body.get("quick")))
+        return _job_view(state, job.id)
+
+    @app.get("/api/jobs")
+    async def list_jobs():
+        return [_job_view(state, job.id, log=False) for job in state.jobs.all()]
+
+    @app.get("/api/jobs/{job_id}")
+    @_guarded
+    async def one_job(job_id: str):
+        return _job_view(state, job_id)
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    @_guarded
+    async def cancel(job_id: str):
+        state.jobs.cancel(job_id)
+        return _job_view(state, job_id)
+
+    @app.post("/api/jobs/{job_id}/resume")
+    @_guarded
+    async def resume(job_id: str):
+        state.jobs.resume(job_id)
+        return _job_view(state, job_id)
+
+    @app.get("/api/data/dirs")
+    async def data_dirs():
+        return {"dirs": datasets.prepared_dirs(project)}
+
+    @app.get("/api/data")
+    @_guarded
+    async def data(dir: str):
+        return datasets.view(project, project.resolve(dir))
+
+    @app.post("/api/datasets")
+    @_guarded
+    async def upload(request: Request):
+        body = await _json_body(request)
+        return await asyncio.to_thread(datasets.upload, project, state.cfg.data, body)
+
+    @app.get("/api/playground/models")
+    async def playground_models():
+        available = [{"id": run.id, "name": adapter_name(run.id), "path": run.id}
+                     for run in runs.find_runs(project).values() if servable(run)]
+        return {"available": available, "loaded": state.playground.model_ids, "base": state.playground.base_id}
+
+    @app.post("/api/playground/load")
+    @_guarded
+    async def playground_load(request: Request):
+        body = await _json_body(request)
+        found = runs.find_runs(project)
+        chosen = []
+        for run_id in body.get("adapters") or []:
+            project.resolve(str(run_id))
+            if run_id not in found or not servable(found[run_id]):
+                raise LoralabError(f"adapters: {run_id} is not a finished LoRA adapter of this project")
+            chosen.append(found[run_id])
+        loaded = await asyncio.to_thread(state.playground.load, serve_config(state.cfg, project, chosen))
+        return {"loaded": loaded, "base": state.playground.base_id}
+
+    return app
+
+
+def _job_view(state: UiState, job_id: str, log: bool = True) -> dict[str, Any]:
+    job = state.jobs.get(job_id)
+    view = job.public()
+    view["progress"] = None
+    if job.run_id and job.status == "running":
+        found = runs.find_runs(state.project).get(job.run_id)
+        if found is not None:
+            entries = runs.curve(state.project, found)
+            view["progress"] = runs.progress(entries, runs.total_steps(found, entries))
+    if log:
+        view["log_tail"] = state.jobs.log_tail(job_id)
+    return view
+
+
+def build_state(cfg: Config, root: str | Path = ".", token: str | None = None) -> UiState:
+    project = Project(root)
+    jobs = Jobs(project, cfg.ui.jobs_dir, cfg.ui.max_running_jobs)
+    return UiState(cfg, project, token or new_token(), jobs, Playground())
+
+
+def run_ui(cfg: Config) -> None:
+    """Serve the UI from the current folder until Ctrl-C; running jobs then checkpoint and stop."""
+    import uvicorn
+
+    from loralab.util.net import free_port
+
+    state = build_state(cfg)
+    port = cfg.ui.port or free_port()
+    print(f"loralab ui on http://{cfg.ui.host}:{port}/?token={state.token}  (project {state.project.root}; Ctrl-C stops it)",
+          flush=True)
+    uvicorn.run(create_app(state), host=cfg.ui.host, port=port, log_level="warning")
+
