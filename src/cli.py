@@ -2,7 +2,7 @@
 
     loralab prepare  [--dataset PATH] [--format F] [--question-field Q] [--answer-field A]
     loralab train    [--resume]
-    loralab evaluate [--adapter DIR]
+    loralab evaluate [--adapter DIR] [--rescore]
     loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
     loralab tune     [--quick] [--storage URL] [--study-name N] [--sampler S] [--n-trials K] [--timeout-minutes M]
                                                 # Optuna search; experiments/metrics_comparison.json
@@ -95,9 +95,12 @@ def run_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from loralab.metrics.evaluate import evaluate_model_pair
+    from loralab.metrics.evaluate import evaluate_model_pair, rescore
 
-    evaluate_model_pair(cfg, adapter_dir=args.adapter)
+    if args.rescore:
+        rescore(cfg)
+    else:
+        evaluate_model_pair(cfg, adapter_dir=args.adapter)
     print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
     return 0
 
@@ -228,7 +231,11 @@ VERBS: tuple[Verb, ...] = (
         flag("--out-dir", sets="data.out_dir"),
     )),
     Verb("train", "fine-tune a LoRA adapter on data/train_split.json", run_train, (RESUME,)),
-    Verb("evaluate", "base vs fine-tuned on the held-out split", run_evaluate, (ADAPTER_DIR,)),
+    Verb("evaluate", "base vs fine-tuned on the held-out split, beside constant-answer baselines", run_evaluate, (
+        ADAPTER_DIR,
+        flag("--rescore", action="store_true",
+             help="score the answers stored in eval.results_json again (baselines, report); loads no model"),
+    )),
     Verb("run", "prepare, train, evaluate and report", run_pipeline, (flag("--resume", action="store_true"),)),
     Verb("merge", "merge the adapter into the base model (plain HF directory)", run_merge, (
         ADAPTER_DIR,

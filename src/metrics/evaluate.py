@@ -149,8 +149,6 @@ def measure_quality(cfg: Config, model, tokenizer, rows: list[dict], generation_
 
 def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quiet: bool = False) -> dict:
     """Evaluate base and base+adapter on `cfg.eval.split`; write JSON, Markdown report and plots."""
-    from loralab.metrics.report import write_report
-
     adapter_dir = Path(adapter_dir or cfg.train.output_dir)
     if cfg.eval.generation_per_task < 1:
         raise LoralabError("eval.generation_per_task must be at least 1")
@@ -207,7 +205,33 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
         for i, row in enumerate(gen_rows)
     ]
     results["showcase"] = generation_subset(results["samples"], cfg.eval.showcase_per_task)
+    return _write_with_baselines(results, cfg)
+
+
+def _write_with_baselines(results: dict, cfg: Config) -> dict:
+    """Constant-answer baselines from the training split beside the scores, then the JSON and the report."""
+    from loralab.metrics.baselines import compare_with_baselines
+    from loralab.metrics.report import write_report
+
+    results["baselines"] = compare_with_baselines(results["samples"], load_split(cfg.data.out_dir, "train"))
     atomic_io.write_json(cfg.eval.results_json, results)
     write_report(results, cfg)
     return results
+
+
+def rescore(cfg: Config) -> dict:
+    """`loralab evaluate --rescore`: the stored answers of eval.results_json scored again with today's
+    baselines and report, without loading a model (the answers are what the models generated)."""
+    import json
+
+    path = Path(cfg.eval.results_json)
+    if not path.is_file():
+        raise LoralabError(f"{path}: not found; run `loralab evaluate` first")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if len(results.get("samples", [])) != results.get("generation_examples"):
+        raise LoralabError(f"{path}: its samples are not every generated answer; run `loralab evaluate` again")
+    results["rescored"] = {"command": "loralab evaluate --rescore",
+                           "what": "baselines and report recomputed from the stored answers; the perplexities and "
+                                   "answers are those of the evaluation that wrote this file"}
+    return _write_with_baselines(results, cfg)
 

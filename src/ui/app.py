@@ -16,7 +16,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
-from starlette.middleware.base import BaseHTTPMiddleware
 
 from loralab.config import Config
 from loralab.ui import datasets, runs, studies
@@ -45,22 +44,41 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-class TokenCheck(BaseHTTPMiddleware):
-    """401 without the token (cookie, bearer header or ?token=); a page opened with ?token= gets the cookie."""
+class TokenCheck:
+    """401 without the token (cookie, bearer header or ?token=); a page opened with ?token= gets the
+    cookie. Pure ASGI rather than BaseHTTPMiddleware, which would buffer the Playground's streams.
+    Any one credential that matches lets a request in: browsers send a cookie to every port of a
+    host, so a stale cookie of an earlier `loralab ui` must not shadow the token in the URL."""
 
     def __init__(self, app, token: str):
-        super().__init__(app)
-        self.token = token
+        self.app = app
+        self.token = token.encode()
 
-    async def dispatch(self, request: Request, call_next):
-        given = (request.cookies.get(COOKIE) or request.query_params.get("token")
-                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
-        if not secrets.compare_digest(given.encode(), self.token.encode()):
-            return JSONResponse({"error": "missing or wrong token: open the URL `loralab ui` printed"}, status_code=401)
-        response = await call_next(request)
-        if request.query_params.get("token"):
-            response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
-        return response
+    def _matches(self, value: str | None) -> bool:
+        return bool(value) and secrets.compare_digest(value.encode(), self.token)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        from_query = request.query_params.get("token")
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not any(self._matches(v) for v in (request.cookies.get(COOKIE), from_query, bearer)):
+            response = JSONResponse({"error": "missing or wrong token: open the URL `loralab ui` printed"}, status_code=401)
+            await response(scope, receive, send)
+            return
+        if not self._matches(from_query):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cookie(message) -> None:
+            if message["type"] == "http.response.start":
+                cookie = f"{COOKIE}={self.token.decode()}; HttpOnly; SameSite=Strict; Path=/"
+                message = {**message, "headers": [*message.get("headers", []), (b"set-cookie", cookie.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_cookie)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -102,7 +120,7 @@ async def _json_body(request: Request) -> dict[str, Any]:
 def run_summary(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
     entries = runs.curve(state.project, run)
     total = runs.total_steps(run, entries)
-    status = runs.status(run, entries, state.jobs.status_of_run(run.id))
+    status = runs.status(run, state.jobs.status_of_run(run.id))
     lora, train = run.section("lora"), run.section("train")
     args = run.training_args or {}
     last_eval = next((e.get("eval_loss") for e in reversed(entries) if e.get("eval_loss") is not None), None)
@@ -142,6 +160,11 @@ def _evaluation(state: UiState, run: runs.RunFiles) -> tuple[dict | None, list, 
         headline[f"{label} domain accuracy %"] = scores.get("domain_accuracy")
     for key, value in results.get("summary", {}).items():
         headline[key.replace("_", " ")] = value
+    baselines = results.get("baselines")
+    if baselines:  # the held-out evidence: the gain over constant answers and the base, with its interval
+        headline["best competitor per task (macro %)"] = baselines["best_baseline"]
+        headline["gain over the best competitor, points"] = baselines["gain"]
+        headline["gain 95 % CI"] = "{:+.1f} to {:+.1f}".format(*baselines["gain_ci95"])
     report_path = runs.result_file(state.project, run, "eval", "report_md", "report.md")
     report = render_markdown(state.project, report_path) if report_path else None
     return headline, results.get("samples", []), report
@@ -282,11 +305,10 @@ def _job_view(state: UiState, job_id: str, log: bool = True) -> dict[str, Any]:
     job = state.jobs.get(job_id)
     view = job.public()
     view["progress"] = None
-    if job.run_id and job.status == "running":
-        found = runs.find_runs(state.project).get(job.run_id)
-        if found is not None:
-            entries = runs.curve(state.project, found)
-            view["progress"] = runs.progress(entries, runs.total_steps(found, entries))
+    if job.run_dir and job.status == "running":
+        log = state.project.resolve(job.run_dir) / "log.jsonl"
+        entries = runs.read_log(log) if log.is_file() else []
+        view["progress"] = runs.progress(entries, entries[-1].get("total_steps") if entries else None)
     if log:
         view["log_tail"] = state.jobs.log_tail(job_id)
     return view

@@ -1,7 +1,10 @@
 """Jobs the UI launches: loralab's own verbs, each in its own process (`python -m loralab <verb>
 --config <its resolved config>`), never a shell; one at a time by default so two trainings do not
-share the 2 cores, the rest queued. Cancel sends SIGINT, which the training loop turns into a
-checkpoint at the next step boundary, so a cancelled run resumes exactly (`--resume`).
+share the 2 cores, the rest queued. Cancel sends SIGTERM, which the training loop turns into a
+checkpoint at the next step boundary, so a cancelled run resumes exactly (`--resume`); before the
+loop has started, SIGTERM ends the process, which has nothing to save yet. Not SIGINT: a UI started
+in the background of a script has SIGINT ignored, its jobs inherit that, and a cancel sent while
+a job was still loading would be lost (seen in the tests under pytest-xdist).
 
 Each job keeps its files under runs/ui/jobs/<id>/ (job.json, config.yaml, output.log), which is
 also what a restarted UI lists."""
@@ -29,7 +32,7 @@ from loralab.util.errors import LoralabError
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 RESUMES_WITH_FLAG = ("train", "run")  # tune and compare pick up their finished work by themselves
 INTERRUPTED = 130  # the CLI's exit code when training stopped on a signal (resumable)
-KILL_AFTER_S = 120  # a job that has not stopped this long after SIGINT is killed
+KILL_AFTER_S = 120  # a job that has not stopped this long after SIGTERM is killed
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Job:
     returncode: int | None = None
     error: str | None = None
     run_id: str | None = None  # the run (adapter directory) it trains, for train and run
+    run_dir: str | None = None  # where that run logs its steps (log.jsonl), for its progress
     resume: bool = False
     command: list[str] | None = None  # what it ran, as a CLI user would type it in the project folder
     cancel_requested_at: float | None = None
@@ -73,10 +77,15 @@ class Jobs:
         """Validate (the CLI's rules and errors), write the job's config, queue it."""
         check_paths(self.project, settings)
         with self._lock:
-            job_id = str(max((int(i) for i in self._jobs), default=0) + 1)
+            number = max((int(i) for i in self._jobs), default=0) + 1
+            while (self.dir / str(number)).exists() or (self.dir.parent / str(number)).exists():
+                number += 1  # folders left by jobs this UI no longer lists are never reused
+            job_id = str(number)
             root = self.dir.parent / job_id  # runs/ui/<id>/: the job's adapter, run and results
             cfg = job_config(verb, settings, quick, Path(self.project.relative(root)))
-            job = Job(job_id, verb, run_id=cfg.train.output_dir if verb in RESUMES_WITH_FLAG else None)
+            trains = verb in RESUMES_WITH_FLAG
+            job = Job(job_id, verb, run_id=cfg.train.output_dir if trains else None,
+                      run_dir=cfg.train.run_dir if trains else None)
             atomic_io.write_text(self._config_path(job), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self._jobs[job_id] = job
             self._save(job)
@@ -89,7 +98,7 @@ class Jobs:
                 job.status, job.ended = "cancelled", time.time()
             elif job.status == "running" and job.cancel_requested_at is None:
                 job.cancel_requested_at = time.time()
-                self._processes[job_id].send_signal(signal.SIGINT)  # checkpoint at the next step, then exit
+                self._processes[job_id].send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit
             self._save(job)
             return job
 
@@ -131,7 +140,7 @@ class Jobs:
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(signal.SIGTERM)
         deadline = time.time() + wait_s
         for process in processes:
             try:

@@ -38,7 +38,7 @@ def serve_config(base: Config, project: Project, runs: list[RunFiles]) -> Config
         cfg.model = dataclasses.replace(recorded, cache_dir=base.model.cache_dir, device=base.model.device)
     cfg.serve.adapters = {adapter_name(run.id): str(run.adapter_dir) for run in runs}
     cfg.serve.merged_model = ""
-    return cfg
+    return cfg.validate()  # a recorded model section obeys today's rules, in one line if it does not
 
 
 class Playground:

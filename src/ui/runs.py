@@ -109,16 +109,20 @@ def curve(project: Project, run: RunFiles) -> list[dict[str, Any]]:
     """The run's per-step log: its log.jsonl, else the results directory's training_logs.txt table
     (what a committed run keeps, its run directory being ignored by git)."""
     if run.run_dir is not None and (run.run_dir / "log.jsonl").is_file():
-        lines = (run.run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
-        entries = []
-        for line in lines:
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                break  # the line being written when the file was read
-        return entries
+        return read_log(run.run_dir / "log.jsonl")
     table = result_file(project, run, "train", "log_file", "training_logs.txt")
     return parse_log_table(table.read_text(encoding="utf-8")) if table and table.is_file() else []
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A run's log.jsonl, up to the line being written when it was read."""
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            break
+    return entries
 
 
 def result_file(project: Project, run: RunFiles, section: str, key: str, name: str) -> Path | None:
@@ -179,7 +183,7 @@ def progress(entries: list[dict[str, Any]], total_steps: int | None) -> dict[str
             "eta_s": round(remaining * step_seconds) if step_seconds is not None else None}
 
 
-def status(run: RunFiles, entries: list[dict[str, Any]], job_status: str | None) -> str:
+def status(run: RunFiles, job_status: str | None) -> str:
     """done, running or queued (a UI job, or a log written in the last minute), interrupted
     (a checkpoint to resume from), or failed."""
     if job_status in ("running", "queued"):

@@ -1,0 +1,70 @@
+"""Constant-answer baselines and the bootstrap interval of the fine-tuned gain (metrics/baselines.py),
+and `loralab evaluate --rescore`, which adds them to stored answers without a model."""
+
+import json
+
+import pytest
+
+from loralab.cli import main
+from loralab.metrics.baselines import compare_with_baselines, constant_answers
+
+TRAIN = ([{"task": "label", "answer": "Yes"}] * 3 + [{"task": "label", "answer": "No"}] * 2
+         + [{"task": "text", "answer": "fracture of the left arm"}, {"task": "text", "answer": "fracture of the skull"},
+            {"task": "text", "answer": "burn of the arm"}])
+
+
+def test_the_constants_are_the_majority_answer_and_the_most_frequent_words():
+    constants = constant_answers(TRAIN)
+    assert constants["label"]["majority"] == "Yes"
+    # median answer 3 normalised words ("fracture of left arm" 4, "fracture of skull" 3, "burn of arm" 3)
+    assert constants["text"]["frequent_words"] == "of fracture arm"
+
+
+def samples(tuned: list[str], base: list[str], refs: list[str], task: str) -> list[dict]:
+    return [{"task": task, "reference": r, "base": b, "fine_tuned": t} for t, b, r in zip(tuned, base, refs)]
+
+
+def test_a_model_that_answers_the_constant_gains_nothing_and_a_right_one_gains_with_an_interval_above_zero():
+    refs = ["Yes", "No", "Yes", "No", "Yes", "No", "Yes", "No"]
+    parrot = compare_with_baselines(samples(["Yes"] * 8, ["maybe"] * 8, refs, "label"), TRAIN)
+    row = parrot["per_task"]["label"]
+    assert row["majority_answer"] == 50.0 and row["best_baseline"] == "majority_answer"
+    assert row["gain"] == 0.0 and row["gain_ci95"] == [0.0, 0.0]
+    right = compare_with_baselines(samples(refs, ["maybe"] * 8, refs, "label"), TRAIN)
+    low, high = right["gain_ci95"]
+    assert right["gain"] == 50.0 and 0 < low < 50 < high <= 100
+
+
+def test_the_gain_is_over_the_best_competitor_of_each_task_and_macro_averaged():
+    label = samples(["Yes", "No"], ["Yes", "No"], ["Yes", "No"], "label")  # the base model is right: gain 0
+    reference = "arm fracture of the humerus bone here"  # over four words: scored by token F1
+    text = samples([reference] * 2, ["?"] * 2, [reference] * 2, "text")
+    result = compare_with_baselines(label + text, TRAIN)
+    assert result["per_task"]["label"]["best_baseline"] == "base" and result["per_task"]["label"]["gain"] == 0.0
+    text_row = result["per_task"]["text"]
+    assert text_row["best_baseline"] == "frequent_words" and 0 < text_row["frequent_words"] < 100
+    assert result["gain"] == pytest.approx((0.0 + text_row["gain"]) / 2)
+
+
+def test_rescore_adds_the_baselines_to_stored_answers_without_a_model(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train_split.json").write_text(json.dumps(TRAIN))
+    results_dir = tmp_path / "out"
+    results_dir.mkdir()
+    model = {"perplexity": 2.0, "examples_scored": 2, "per_task_ppl": {"label": 2.0}, "domain_accuracy": 50.0,
+             "domain_accuracy_se": 1.0, "per_task": {"label": {"n": 2, "primary_metric": "exact_match", "primary": 0.5,
+                                                             "primary_se": 0.5, "exact_match": 0.5, "contains": 0.5}}}
+    stored = {"split": "test", "examples": 2, "generation_examples": 2, "adapter_dir": "lora", "base_model": "m",
+              "models": {"base": model, "fine_tuned": model},
+              "summary": {"perplexity_ratio_base_over_tuned": 1.0, "domain_accuracy_gain_points": 0.0},
+              "samples": samples(["Yes", "No"], ["No", "No"], ["Yes", "No"], "label"), "showcase": []}
+    (results_dir / "eval_results.json").write_text(json.dumps(stored))
+    args = ["evaluate", "--rescore", "--set", f"data.out_dir={tmp_path / 'data'}", "--set", f"eval.results_dir={results_dir}"]
+    assert main(args) == 0
+    rescored = json.loads((results_dir / "eval_results.json").read_text())
+    assert rescored["baselines"]["per_task"]["label"]["gain"] == 50.0  # 100 vs the majority answer's 50
+    assert rescored["models"] == stored["models"] and rescored["samples"] == stored["samples"]
+    assert "## Against baselines" in (results_dir / "report.md").read_text()
+    stored["samples"] = stored["samples"][:1]  # not every generated answer: refused, nothing rewritten
+    (results_dir / "eval_results.json").write_text(json.dumps(stored))
+    assert main(args) == 2
