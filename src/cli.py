@@ -98,6 +98,8 @@ def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.metrics.evaluate import evaluate_model_pair, rescore
 
     if args.rescore:
+        if args.adapter:
+            raise LoralabError("--rescore scores the answers stored in eval.results_json; it takes no --adapter")
         rescore(cfg)
     else:
         evaluate_model_pair(cfg, adapter_dir=args.adapter)
@@ -193,8 +195,9 @@ def run_prune(cfg: Config, args: argparse.Namespace) -> int:
 
 def run_ui(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.ui.app import run_ui as ui
+    from loralab.ui.form import ConfigSource
 
-    ui(cfg)
+    ui(cfg, ConfigSource(tuple(args.config), tuple(args.overrides)))  # its jobs start from the same config
     return 0
 
 

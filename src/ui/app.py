@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from loralab.config import Config
 from loralab.ui import datasets, runs, studies
-from loralab.ui.form import VERBS, form_fields
+from loralab.ui.form import VERBS, ConfigSource, form_fields
 from loralab.ui.jobs import Jobs
 from loralab.ui.paths import OutsideProject, Project
 from loralab.ui.playground import Playground, adapter_name, servable, serve_config
@@ -38,6 +38,7 @@ class UiState:
     token: str
     jobs: Jobs
     playground: Playground
+    source: ConfigSource
 
 
 def new_token() -> str:
@@ -58,7 +59,10 @@ class TokenCheck:
         return bool(value) and secrets.compare_digest(value.encode(), self.token)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # no route uses one; refused rather than let past the check
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        if scope["type"] != "http":  # lifespan
             await self.app(scope, receive, send)
             return
         request = Request(scope)
@@ -85,6 +89,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+class NotFound(LookupError):
+    """An id or file a request named does not exist (404)."""
+
+
 def _guarded(handler):
     """A route's user errors as one-line JSON: 400 bad input, 403 outside the project, 404 unknown id."""
     import functools
@@ -97,7 +105,7 @@ def _guarded(handler):
             return _error(403, str(exc))
         except LoralabError as exc:
             return _error(400, str(exc))
-        except KeyError as exc:
+        except NotFound as exc:
             return _error(404, f"not found: {exc.args[0] if exc.args else ''}")
     return wrapper
 
@@ -198,7 +206,7 @@ def create_app(state: UiState) -> FastAPI:
     async def static(name: str):
         path = Path(str(STATIC)).resolve() / name
         if Path(str(STATIC)).resolve() not in path.resolve().parents or not path.is_file():
-            raise KeyError(name)
+            raise NotFound(name)
         return FileResponse(path)
 
     @app.get("/files/{name:path}")
@@ -206,34 +214,30 @@ def create_app(state: UiState) -> FastAPI:
     async def project_file(name: str):
         path = project.resolve(name)
         if not path.is_file():
-            raise KeyError(name)
-        return FileResponse(path)
+            raise NotFound(name)
+        # A project file is data, never a page of this origin: an HTML or SVG file in a downloaded model
+        # folder must not run script with the UI's cookie.
+        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"})
 
+    # The views walk the project folder: in a worker thread, so a walk never stalls the Playground's streams.
     @app.get("/api/runs")
     async def list_runs():
-        found = runs.find_runs(project)
-        items = sorted((run_summary(state, run) for run in found.values()), key=lambda r: -(r["updated"] or 0))
-        study_items = [{"id": sid, "kind": kind, "title": f"{kind}: {sid}", "path": sid,
-                        "updated": path.stat().st_mtime} for sid, (kind, path) in sorted(studies.find_studies(project).items())]
-        return {"runs": items, "studies": study_items}
+        return await asyncio.to_thread(runs_listing, state)
 
     @app.get("/api/runs/detail")
     @_guarded
     async def one_run(id: str):
         project.resolve(id)
-        return run_detail(state, runs.find_runs(project)[id])
+        return await asyncio.to_thread(lambda: run_detail(state, _lookup(runs.find_runs(project), id)))
 
     @app.get("/api/studies/detail")
     @_guarded
     async def one_study(id: str):
-        path = project.resolve(id)
-        kind, found = studies.find_studies(project)[project.relative(path)]
-        return {"id": id, "kind": kind, "title": f"{kind}: {id}", "path": id, **studies.study_view(kind, found),
-                "report_html": render_markdown(project, studies.report_path(kind, found))}
+        return await asyncio.to_thread(study_detail, state, id)
 
     @app.get("/api/form")
     async def form():
-        return {"verbs": list(VERBS), "presets": ["quick"], "fields": form_fields()}
+        return {"verbs": list(VERBS), "presets": ["quick"], "fields": form_fields(state.source)}
 
     @app.post("/api/jobs")
     @_guarded
@@ -249,28 +253,28 @@ def create_app(state: UiState) -> FastAPI:
     @app.get("/api/jobs/{job_id}")
     @_guarded
     async def one_job(job_id: str):
-        return _job_view(state, job_id)
+        return _job_view(state, _lookup_job(state, job_id))
 
     @app.post("/api/jobs/{job_id}/cancel")
     @_guarded
     async def cancel(job_id: str):
-        state.jobs.cancel(job_id)
+        state.jobs.cancel(_lookup_job(state, job_id))
         return _job_view(state, job_id)
 
     @app.post("/api/jobs/{job_id}/resume")
     @_guarded
     async def resume(job_id: str):
-        state.jobs.resume(job_id)
+        state.jobs.resume(_lookup_job(state, job_id))
         return _job_view(state, job_id)
 
     @app.get("/api/data/dirs")
     async def data_dirs():
-        return {"dirs": datasets.prepared_dirs(project)}
+        return {"dirs": await asyncio.to_thread(datasets.prepared_dirs, project)}
 
     @app.get("/api/data")
     @_guarded
     async def data(dir: str):
-        return datasets.view(project, project.resolve(dir))
+        return await asyncio.to_thread(datasets.view, project, project.resolve(dir))
 
     @app.post("/api/datasets")
     @_guarded
@@ -280,15 +284,15 @@ def create_app(state: UiState) -> FastAPI:
 
     @app.get("/api/playground/models")
     async def playground_models():
-        available = [{"id": run.id, "name": adapter_name(run.id), "path": run.id}
-                     for run in runs.find_runs(project).values() if servable(run)]
+        found = await asyncio.to_thread(runs.find_runs, project)
+        available = [{"id": run.id, "name": adapter_name(run.id), "path": run.id} for run in found.values() if servable(run)]
         return {"available": available, "loaded": state.playground.model_ids, "base": state.playground.base_id}
 
     @app.post("/api/playground/load")
     @_guarded
     async def playground_load(request: Request):
         body = await _json_body(request)
-        found = runs.find_runs(project)
+        found = await asyncio.to_thread(runs.find_runs, project)
         chosen = []
         for run_id in body.get("adapters") or []:
             project.resolve(str(run_id))
@@ -306,27 +310,63 @@ def _job_view(state: UiState, job_id: str, log: bool = True) -> dict[str, Any]:
     view = job.public()
     view["progress"] = None
     if job.run_dir and job.status == "running":
-        log = state.project.resolve(job.run_dir) / "log.jsonl"
-        entries = runs.read_log(log) if log.is_file() else []
+        log_path = state.project.resolve(job.run_dir) / "log.jsonl"
+        entries = runs.read_log(log_path) if log_path.is_file() else []
         view["progress"] = runs.progress(entries, entries[-1].get("total_steps") if entries else None)
     if log:
         view["log_tail"] = state.jobs.log_tail(job_id)
     return view
 
 
-def build_state(cfg: Config, root: str | Path = ".", token: str | None = None) -> UiState:
+def _lookup(found: dict, key: str):
+    if key not in found:
+        raise NotFound(key)
+    return found[key]
+
+
+def _lookup_job(state: UiState, job_id: str) -> str:
+    try:
+        state.jobs.get(job_id)
+    except KeyError:
+        raise NotFound(f"job {job_id}") from None
+    return job_id
+
+
+def runs_listing(state: UiState) -> dict[str, Any]:
+    found = runs.find_runs(state.project)
+    items = sorted((run_summary(state, run) for run in found.values()), key=lambda r: -(r["updated"] or 0))
+    study_items = [{"id": sid, "kind": kind, "title": f"{kind}: {sid}", "path": sid, "updated": path.stat().st_mtime}
+                   for sid, (kind, path) in sorted(studies.find_studies(state.project).items())]
+    return {"runs": items, "studies": study_items}
+
+
+def study_detail(state: UiState, study_id: str) -> dict[str, Any]:
+    project = state.project
+    kind, found = _lookup(studies.find_studies(project), project.relative(project.resolve(study_id)))
+    try:
+        view = studies.study_view(kind, found)
+    except ValueError:  # being rewritten this very moment
+        raise LoralabError(f"{study_id}: not readable JSON right now; try again") from None
+    return {"id": study_id, "kind": kind, "title": f"{kind}: {study_id}", "path": study_id, **view,
+            "report_html": render_markdown(project, studies.report_path(kind, found))}
+
+
+def build_state(cfg: Config, root: str | Path = ".", token: str | None = None,
+                source: ConfigSource | None = None) -> UiState:
+    """`source`: the --config files and --set overrides the UI was started with, the base of its jobs."""
     project = Project(root)
-    jobs = Jobs(project, cfg.ui.jobs_dir, cfg.ui.max_running_jobs)
-    return UiState(cfg, project, token or new_token(), jobs, Playground())
+    source = source or ConfigSource()
+    jobs = Jobs(project, cfg.ui.jobs_dir, cfg.ui.max_running_jobs, source)
+    return UiState(cfg, project, token or new_token(), jobs, Playground(), source)
 
 
-def run_ui(cfg: Config) -> None:
+def run_ui(cfg: Config, source: ConfigSource) -> None:
     """Serve the UI from the current folder until Ctrl-C; running jobs then checkpoint and stop."""
     import uvicorn
 
     from loralab.util.net import free_port
 
-    state = build_state(cfg)
+    state = build_state(cfg, source=source)
     port = cfg.ui.port or free_port()
     print(f"loralab ui on http://{cfg.ui.host}:{port}/?token={state.token}  (project {state.project.root}; Ctrl-C stops it)",
           flush=True)

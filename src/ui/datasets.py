@@ -57,10 +57,15 @@ def upload(project: Project, defaults: DataConfig, body: dict[str, Any]) -> dict
     if not isinstance(content, str) or not content.strip():
         raise LoralabError(f"{name}: the file is empty")
     base = project.resolve(UPLOADS)
+    base.mkdir(parents=True, exist_ok=True)
     folder, n = base / stem, 1
-    while folder.exists():
-        n += 1
-        folder = base / f"{stem}-{n}"
+    while True:  # mkdir reserves the name: two uploads at once never share (or remove) one folder
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            folder = base / f"{stem}-{n}"
     options = {key: body[key] for key in ("format", "question_field", "answer_field", "task_field", "skip_invalid")
                if body.get(key) not in (None, "")}
     cfg = dataclasses.replace(defaults, **options, dataset=str(folder / name), out_dir=str(folder / "data"))

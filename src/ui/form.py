@@ -8,6 +8,7 @@ import json
 import types
 import typing
 from contextlib import ExitStack
+from dataclasses import dataclass
 from importlib.resources import as_file
 from pathlib import Path
 from typing import Any, Literal
@@ -40,41 +41,61 @@ def _shown(value: Any) -> Any:
     return json.dumps(value) if isinstance(value, (list, dict)) else value
 
 
-def form_fields() -> list[dict[str, Any]]:
-    """One entry per settable field, with its default and its value under the quick preset."""
-    defaults = Config()
-    with as_file(QUICK_PRESET) as preset:
-        quick = load_config(preset)
-    fields = []
+@dataclass(frozen=True)
+class ConfigSource:
+    """What `loralab ui` was started with (its --config files and --set overrides): the base of every
+    job and of the form's defaults, applied in the CLI's order (preset, files, --set, then the form)."""
+
+    files: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+
+    def load(self, quick: bool, extra: list[str] | None = None) -> Config:
+        with ExitStack() as stack:
+            presets = [stack.enter_context(as_file(QUICK_PRESET))] if quick else []
+            return load_config(*presets, *self.files, overrides=[*self.overrides, *(extra or [])])
+
+
+def _settable() -> list[tuple[str, str, str, tuple]]:
+    """(key, section, name, (type, choices)) of every field the form shows and a job may set."""
+    found = []
     for section in SECTIONS:
-        values = getattr(defaults, section)
-        hints = typing.get_type_hints(type(values))
-        for f in dataclasses.fields(values):
-            key = f"{section}.{f.name}"
-            kind = _field_type(hints[f.name])
-            if kind is None or key in HIDDEN or (f.name.endswith("_dir") and key != "data.out_dir"):
-                continue
-            fields.append({"key": key, "section": section, "name": f.name, "type": kind[0], "choices": list(kind[1]),
-                           "default": _shown(getattr(values, f.name)),
-                           "quick_default": _shown(getattr(getattr(quick, section), f.name)), "primary": key in PRIMARY})
+        cls = type(getattr(Config(), section))
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key, kind = f"{section}.{f.name}", _field_type(hints[f.name])
+            if kind is not None and key not in HIDDEN and (not f.name.endswith("_dir") or key == "data.out_dir"):
+                found.append((key, section, f.name, kind))
+    return found
+
+
+def form_fields(source: ConfigSource) -> list[dict[str, Any]]:
+    """One entry per settable field, with its default and its value under the quick preset."""
+    plain, quick = source.load(quick=False), source.load(quick=True)
+    fields = [{"key": key, "section": section, "name": name, "type": kind[0], "choices": list(kind[1]),
+               "default": _shown(getattr(getattr(plain, section), name)),
+               "quick_default": _shown(getattr(getattr(quick, section), name)), "primary": key in PRIMARY}
+              for key, section, name, kind in _settable()]
     fields.sort(key=lambda field: (not field["primary"], PRIMARY.index(field["key"]) if field["primary"] else 0))
     return fields
 
 
-def job_config(verb: str, settings: dict[str, Any], quick: bool, job_root: Path) -> Config:
-    """The resolved config of a job: defaults, the quick preset, the form's settings (checked exactly
-    as `--set` is), then every output under `job_root`; raises the CLI's one-line LoralabError."""
+def job_config(verb: str, settings: dict[str, Any], quick: bool, job_root: Path, source: ConfigSource) -> Config:
+    """The resolved config of a job: the UI's own config (with the quick preset first if asked), the
+    form's settings (checked exactly as `--set` is), then every output under `job_root`; raises the
+    CLI's one-line LoralabError. Only the form's own keys are accepted, spelled exactly."""
     if verb not in VERBS:
         raise LoralabError(f"verb {verb!r}: the UI launches only {', '.join(VERBS)}")
     if not isinstance(settings, dict):
         raise LoralabError("settings: expected a mapping of section.key to value")
+    settable = {key for key, *_ in _settable()}
+    for key in settings:
+        if key not in settable:
+            raise LoralabError(f"settings: {key!r} is not a setting of the form (e.g. train.learning_rate)")
     # Text goes in as `--set key=text` would (YAML-parsed: lora.target_modules=[q_proj, v_proj] is a list);
     # numbers and booleans as JSON, which YAML reads back as the same value.
     overrides = [f"{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in settings.items()
                  if value is not None]
-    with ExitStack() as stack:
-        presets = [stack.enter_context(as_file(QUICK_PRESET))] if quick else []
-        cfg = load_config(*presets, overrides=overrides)
+    cfg = source.load(quick, overrides)
     data_dir = cfg.data.out_dir
     outputs_under(cfg, job_root)
     if verb != "run":  # `run` prepares its own data; the others read the prepared folder the form names

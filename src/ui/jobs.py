@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 import yaml
 
-from loralab.ui.form import job_config
+from loralab.config import Config
+from loralab.ui.form import ConfigSource, job_config
 from loralab.ui.paths import Project
 from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
@@ -56,8 +57,9 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, project: Project, jobs_dir: str, max_running: int = 1):
+    def __init__(self, project: Project, jobs_dir: str, max_running: int, source: ConfigSource):
         self.project = project
+        self.source = source
         self.dir = project.resolve(jobs_dir)
         self.max_running = max_running
         self._jobs: dict[str, Job] = {}
@@ -75,14 +77,14 @@ class Jobs:
 
     def submit(self, verb: str, settings: dict[str, Any], quick: bool) -> Job:
         """Validate (the CLI's rules and errors), write the job's config, queue it."""
-        check_paths(self.project, settings)
         with self._lock:
             number = max((int(i) for i in self._jobs), default=0) + 1
             while (self.dir / str(number)).exists() or (self.dir.parent / str(number)).exists():
                 number += 1  # folders left by jobs this UI no longer lists are never reused
             job_id = str(number)
             root = self.dir.parent / job_id  # runs/ui/<id>/: the job's adapter, run and results
-            cfg = job_config(verb, settings, quick, Path(self.project.relative(root)))
+            cfg = job_config(verb, settings, quick, Path(self.project.relative(root)), self.source)
+            check_paths(self.project, cfg, settings)
             trains = verb in RESUMES_WITH_FLAG
             job = Job(job_id, verb, run_id=cfg.train.output_dir if trains else None,
                       run_dir=cfg.train.run_dir if trains else None)
@@ -98,7 +100,7 @@ class Jobs:
                 job.status, job.ended = "cancelled", time.time()
             elif job.status == "running" and job.cancel_requested_at is None:
                 job.cancel_requested_at = time.time()
-                self._processes[job_id].send_signal(signal.SIGTERM)  # checkpoint at the next step, then exit
+                _signal_group(self._processes[job_id], signal.SIGTERM)  # checkpoint at the next step, then exit
             self._save(job)
             return job
 
@@ -137,16 +139,18 @@ class Jobs:
     def stop(self, wait_s: float = 30) -> None:
         """On UI shutdown: ask every running job to checkpoint and stop (resumable), wait a little."""
         self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()  # no job starts after this
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:
-            process.send_signal(signal.SIGTERM)
+            _signal_group(process, signal.SIGTERM)
         deadline = time.time() + wait_s
         for process in processes:
             try:
                 process.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                process.kill()
+                _signal_group(process, signal.SIGKILL)
         self._reap()
 
     # --- the queue ----------------------------------------------------------------------------------
@@ -158,18 +162,31 @@ class Jobs:
 
     def _start_queued(self) -> None:
         with self._lock:
+            if self._stopped.is_set():
+                return
             queued = sorted((j for j in self._jobs.values() if j.status == "queued"), key=lambda j: int(j.id))
             for job in queued[: max(0, self.max_running - len(self._processes))]:
-                config = self.project.relative(self._config_path(job))
-                job.command = ["loralab", job.verb, "--config", config, *(["--resume"] if job.resume and
-                                                                           job.verb in RESUMES_WITH_FLAG else [])]
-                with self._log_path(job).open("ab") as log:  # the child keeps its own descriptor
-                    self._processes[job.id] = subprocess.Popen(
-                        [sys.executable, "-m", *job.command], cwd=self.project.root, stdout=log,
-                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                        start_new_session=True)
-                job.status, job.started = "running", time.time()
-                self._save(job)
+                try:
+                    self._launch(job)
+                except OSError as exc:  # its folder removed, a full disk: this job fails, the queue goes on
+                    job.status, job.error, job.ended = "failed", f"could not start: {exc}", time.time()
+                    try:
+                        self._save(job)
+                    except OSError:
+                        pass
+
+    def _launch(self, job: Job) -> None:
+        """Start one queued job (the lock is held); raises OSError when it cannot."""
+        config = self.project.relative(self._config_path(job))
+        job.command = ["loralab", job.verb, "--config", config, *(["--resume"] if job.resume and
+                                                                   job.verb in RESUMES_WITH_FLAG else [])]
+        with self._log_path(job).open("ab") as log:  # the child keeps its own descriptor
+            self._processes[job.id] = subprocess.Popen(
+                [sys.executable, "-m", *job.command], cwd=self.project.root, stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True)
+        job.status, job.started = "running", time.time()
+        self._save(job)
 
     def _reap(self) -> None:
         with self._lock:
@@ -178,7 +195,7 @@ class Jobs:
                 code = process.poll()
                 if code is None:
                     if job.cancel_requested_at and time.time() - job.cancel_requested_at > KILL_AFTER_S:
-                        process.kill()
+                        _signal_group(process, signal.SIGKILL)
                     continue
                 del self._processes[job_id]
                 job.returncode, job.ended = code, time.time()
@@ -221,15 +238,28 @@ class Jobs:
             self._jobs[job.id] = job
 
 
-def check_paths(project: Project, settings: dict[str, Any]) -> None:
-    """The form's paths stay inside the project (raises OutsideProject, answered 403)."""
-    if not isinstance(settings, dict):
-        return
-    dataset = settings.get("data.dataset")
-    if isinstance(dataset, str) and not dataset.startswith("builtin:"):
-        project.resolve(dataset)
-    if isinstance(settings.get("data.out_dir"), str):
-        project.resolve(settings["data.out_dir"])
-    model = settings.get("model.name_or_path")
-    if isinstance(model, str) and ("/" in model or (project.root / model).exists()):
-        project.resolve(model)  # a bundled alias (smollm2-135m-instruct) names no path
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """The job's whole process group (it has its own session): `compare` and `tune` train in child
+    processes, which must stop with it rather than keep the cores busy as orphans."""
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+PATH_KEYS = ("data.dataset", "data.out_dir", "model.name_or_path")
+
+
+def check_paths(project: Project, cfg: Config, settings: dict[str, Any]) -> None:
+    """The paths the form set, as the resolved config holds them (after YAML parsing, so a quoted
+    '/etc/passwd' is seen as /etc/passwd), stay inside the project (raises OutsideProject: 403)."""
+    for key in PATH_KEYS:
+        if settings.get(key) is None:
+            continue
+        section, name = key.split(".")
+        value = str(getattr(getattr(cfg, section), name))
+        if key == "data.dataset" and value.startswith("builtin:"):
+            continue
+        if key == "model.name_or_path" and "/" not in value and not (project.root / value).exists():
+            continue  # a bundled alias (smollm2-135m-instruct) names no path
+        project.resolve(value)

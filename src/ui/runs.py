@@ -79,6 +79,8 @@ def find_runs(project: Project) -> dict[str, RunFiles]:
         args = read_json(folder / "training_args.json")
         if isinstance(args, dict) and isinstance(args.get("config"), dict):
             run_dir = inside(project, args["config"].get("train", {}).get("run_dir"))
+            if run_dir is not None and not _logs_for(project, run_dir, folder):
+                run_dir = None  # the run directory was reused by a later run for another adapter
             run_id = project.relative(folder)
             runs[run_id] = RunFiles(run_id, args["config"], folder, run_dir, args)
     for folder in run_dirs:
@@ -94,6 +96,16 @@ def find_runs(project: Project) -> dict[str, RunFiles]:
         elif finished.run_dir is None or not (finished.run_dir / "log.jsonl").is_file():
             finished.run_dir = folder
     return runs
+
+
+def _logs_for(project: Project, run_dir: Path, adapter: Path) -> bool:
+    """Whether run_dir's log belongs to the run that trains `adapter`: every CLI run with the default
+    config logs to runs/default/, so a later run into another adapter directory takes it over. A
+    run directory from before config.json was written is taken at its word."""
+    config = read_json(run_dir / "config.json")
+    if not isinstance(config, dict):
+        return True
+    return inside(project, config.get("train", {}).get("output_dir")) == adapter
 
 
 def _newer(a: Path, b: Path) -> bool:
@@ -184,8 +196,8 @@ def progress(entries: list[dict[str, Any]], total_steps: int | None) -> dict[str
 
 
 def status(run: RunFiles, job_status: str | None) -> str:
-    """done, running or queued (a UI job, or a log written in the last minute), interrupted
-    (a checkpoint to resume from), or failed."""
+    """done; running or queued (a UI job, or a log written in the last minute); interrupted (a
+    checkpoint to resume from); cancelled or failed before its first checkpoint."""
     if job_status in ("running", "queued"):
         return job_status
     if run.done:
@@ -194,8 +206,8 @@ def status(run: RunFiles, job_status: str | None) -> str:
     if log is not None and log.is_file() and time.time() - log.stat().st_mtime < ACTIVE_SECONDS and job_status is None:
         return "running"
     if run.run_dir is not None and (run.run_dir / "checkpoints").is_dir():
-        return "interrupted"
-    return "failed" if job_status == "failed" else "interrupted"
+        return "interrupted"  # a checkpoint to resume from
+    return "cancelled" if job_status == "cancelled" else "failed"  # stopped before its first checkpoint
 
 
 def total_steps(run: RunFiles, entries: list[dict[str, Any]]) -> int | None:

@@ -16,6 +16,8 @@ TRAIN = ([{"task": "label", "answer": "Yes"}] * 3 + [{"task": "label", "answer":
 def test_the_constants_are_the_majority_answer_and_the_most_frequent_words():
     constants = constant_answers(TRAIN)
     assert constants["label"]["majority"] == "Yes"
+    # counted as the metric compares answers: "no", "No." and "NO" are one answer, written as first seen
+    assert constant_answers([{"task": "t", "answer": a} for a in ("Yes", "Yes", "no", "No.", "NO")])["t"]["majority"] == "no"
     # median answer 3 normalised words ("fracture of left arm" 4, "fracture of skull" 3, "burn of arm" 3)
     assert constants["text"]["frequent_words"] == "of fracture arm"
 

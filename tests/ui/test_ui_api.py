@@ -58,6 +58,8 @@ def test_paths_outside_the_project_are_refused(client, tmp_path):
         client.post("/api/jobs", json={"verb": "train", "settings": {"data.out_dir": "../../etc"}}),
         client.post("/api/jobs", json={"verb": "train", "settings": {"model.name_or_path": "/usr/lib"}}),
         client.post("/api/jobs", json={"verb": "train", "settings": {"data.dataset": "../secret.txt"}}),
+        # checked as the config reads it: YAML unquotes this to /etc/passwd
+        client.post("/api/jobs", json={"verb": "train", "settings": {"data.dataset": "'/etc/passwd'"}}),
     ):
         assert response.status_code == 403, response.text
         assert "outside the project" in response.json()["error"]
@@ -92,7 +94,7 @@ def test_the_form_validates_as_the_cli_does(client):
     fields = {f["key"]: f for f in client.get("/api/form").json()["fields"]}
     assert fields["lora.method"]["type"] == "choice" and "dora" in fields["lora.method"]["choices"]
     assert fields["train.learning_rate"]["type"] == "float" and fields["lora.r"]["primary"]
-    for settings in ({"lora.r": 0}, {"lora.method": "lorax"}, {"train.nope": 1}, {"train.epochs": "many"}, {"lora.dropout": 1.5}):
+    for settings in ({"lora.r": 0}, {"lora.method": "lorax"}, {"train.epochs": "many"}, {"lora.dropout": 1.5}):
         answer = client.post("/api/jobs", json={"verb": "train", "settings": settings})
         key, value = next(iter(settings.items()))
         with pytest.raises(LoralabError) as cli_error:
@@ -100,6 +102,10 @@ def test_the_form_validates_as_the_cli_does(client):
         assert answer.status_code == 400 and answer.json() == {"error": str(cli_error.value)}
     refused = client.post("/api/jobs", json={"verb": "export", "settings": {}})
     assert refused.status_code == 400 and "only train, run, tune, compare" in refused.json()["error"]
+    # only the form's own keys, spelled exactly: not a padded one that --set would strip, not a hidden path
+    for key in ("train.nope", " data.dataset", "data.dataset=/etc/passwd #", "model.cache_dir", "train.output_dir"):
+        answer = client.post("/api/jobs", json={"verb": "train", "settings": {key: "/tmp/x"}})
+        assert answer.status_code == 400 and "is not a setting of the form" in answer.json()["error"], key
 
 
 def test_an_upload_is_prepared_as_loralab_prepare_does_and_a_bad_one_leaves_nothing(client, tmp_path):
