@@ -2,7 +2,7 @@
 
     loralab prepare  [--dataset PATH] [--format F] [--question-field Q] [--answer-field A]
     loralab train    [--resume]
-    loralab evaluate [--adapter DIR] [--rescore]
+    loralab evaluate [--adapter DIR] [--rescore | --add-few-shot]
     loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
     loralab tune     [--quick] [--storage URL] [--study-name N] [--sampler S] [--n-trials K] [--timeout-minutes M]
                                                 # Optuna search; experiments/metrics_comparison.json
@@ -95,12 +95,13 @@ def run_train(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from loralab.metrics.evaluate import evaluate_model_pair, rescore
+    from loralab.metrics.evaluate import add_few_shot, evaluate_model_pair, rescore
 
-    if args.rescore:
+    if args.rescore or args.add_few_shot:
         if args.adapter:
-            raise LoralabError("--rescore scores the answers stored in eval.results_json; it takes no --adapter")
-        rescore(cfg)
+            raise LoralabError("--rescore and --add-few-shot work on the answers stored in eval.results_json; "
+                               "they take no --adapter")
+        (add_few_shot if args.add_few_shot else rescore)(cfg)
     else:
         evaluate_model_pair(cfg, adapter_dir=args.adapter)
     print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
@@ -238,6 +239,8 @@ VERBS: tuple[Verb, ...] = (
         ADAPTER_DIR,
         flag("--rescore", action="store_true",
              help="score the answers stored in eval.results_json again (baselines, report); loads no model"),
+        flag("--add-few-shot", action="store_true",
+             help="add the few-shot baseline (the base model alone) to the answers stored in eval.results_json"),
     )),
     Verb("run", "prepare, train, evaluate and report", run_pipeline, (flag("--resume", action="store_true"),)),
     Verb("merge", "merge the adapter into the base model (plain HF directory)", run_merge, (

@@ -225,6 +225,11 @@ class EvalConfig(Section):
     max_new_tokens: int = 64
     generation_per_task: int = 20  # examples per task type for generated-answer accuracy
     showcase_per_task: int = 2  # before/after answers shown in the report
+    # The few-shot baseline: the base model prompted with k training examples of the task (as chat
+    # turns), k chosen among these on the first few_shot_eval_per_task eval-split questions per task,
+    # then answering the same test questions as the models. [] skips it.
+    few_shot_ks: list[int] = field(default_factory=lambda: [1, 3])
+    few_shot_eval_per_task: int = 10
     results_dir: str = "experiments"  # eval_results.json, report.md, run_summary.json, plots/
 
     @property
@@ -248,6 +253,9 @@ class EvalConfig(Section):
         for key in ("batch_size", "max_new_tokens", "generation_per_task"):
             self._at_least(key, 1)
         self._at_least("showcase_per_task", 0)
+        self._at_least("few_shot_eval_per_task", 1)
+        for k in self.few_shot_ks:
+            _check(k >= 1, "eval.few_shot_ks", self.few_shot_ks, "each k must be at least 1 (k=0 is the base alone)")
 
 
 @dataclass

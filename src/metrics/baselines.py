@@ -1,4 +1,5 @@
-"""Baselines that cannot be gamed, beside every domain-accuracy score: what a constant answer gets.
+"""Baselines that cannot be gamed, beside every domain-accuracy score: what a constant answer gets,
+and (when the evaluation generated them) the base model's answers with k training examples.
 
 Per task, from the training split alone: the most frequent training answer (the majority class of
 a classification task), and a constant string of the most frequent training-answer words, as long
@@ -66,6 +67,8 @@ def compare_with_baselines(samples: list[dict], train_rows: list[dict]) -> dict:
         "majority_answer": _question_scores(samples, lambda s: constants.get(s["task"], {}).get("majority", "")),
         "frequent_words": _question_scores(samples, lambda s: constants.get(s["task"], {}).get("frequent_words", "")),
     }
+    if samples and all("few_shot_base" in s for s in samples):  # the base model shown k training examples
+        competitors["few_shot_base"] = _question_scores(samples, lambda s: s["few_shot_base"])
     tuned = _question_scores(samples, lambda s: s["fine_tuned"])
     tasks = sorted(tuned)
     best = {t: max(competitors, key=lambda name: (competitors[name][t].mean(), name == "base")) for t in tasks}

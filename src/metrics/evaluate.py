@@ -15,6 +15,7 @@ from the same object with the adapter disabled, so the base model is loaded once
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -147,6 +148,39 @@ def measure_quality(cfg: Config, model, tokenizer, rows: list[dict], generation_
     return {**ppl, **score_answers(gen_rows, answers), "generation_examples": len(gen_rows)}
 
 
+def with_examples(rows: list[dict], train_rows: list[dict], k: int) -> list[dict]:
+    """Each row's conversation preceded by the first k training conversations of its task (few-shot
+    as chat turns, which an instruction-tuned model reads as its own earlier answers)."""
+    shots: dict[str, list[dict]] = defaultdict(list)
+    for example in train_rows:
+        if len(shots[example["task"]]) < k:
+            shots[example["task"]].append(example)
+    return [{**row, "messages": [m for ex in shots[row["task"]] for m in ex["messages"]] + row["messages"]}
+            for row in rows]
+
+
+def few_shot_answers(model, tokenizer, cfg: Config, gen_rows: list[dict], device, amp_dtype) -> dict | None:
+    """The few-shot baseline: k chosen on the eval split (highest macro primary score, ties to the
+    smaller k), then the base model's answers to `gen_rows` with that many examples. None without an
+    eval split to choose k on (data.eval_fraction=0): k is never chosen on the questions it is scored on."""
+    train_rows, eval_rows = load_split(cfg.data.out_dir, "train"), load_split(cfg.data.out_dir, "eval")
+    choice_rows = generation_subset(eval_rows, cfg.eval.few_shot_eval_per_task)
+    if not choice_rows:
+        print("few-shot baseline skipped: no eval split to choose k on", file=sys.stderr)
+        return None
+    args = (cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype)
+    eval_scores = {}
+    for k in cfg.eval.few_shot_ks:
+        answers = generate_answers(model, tokenizer, with_examples(choice_rows, train_rows, k), *args,
+                                   desc=f"few-shot k={k} (eval split)")
+        eval_scores[k] = score_answers(choice_rows, answers)["domain_accuracy"]
+    k = max(eval_scores, key=lambda n: (eval_scores[n], -n))
+    answers = generate_answers(model, tokenizer, with_examples(gen_rows, train_rows, k), *args,
+                               desc=f"few-shot k={k} ({cfg.eval.split} split)")
+    return {"k": k, "eval_domain_accuracy_by_k": {str(n): v for n, v in eval_scores.items()},
+            "eval_questions": len(choice_rows), "answers": answers}
+
+
 def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quiet: bool = False) -> dict:
     """Evaluate base and base+adapter on `cfg.eval.split`; write JSON, Markdown report and plots."""
     adapter_dir = Path(adapter_dir or cfg.train.output_dir)
@@ -194,6 +228,12 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
             print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f} "
                   f"± {m['domain_accuracy_se']:.1f}%", flush=True)
 
+    few_shot = None
+    if cfg.eval.few_shot_ks:
+        context = nullcontext() if is_full_model_dir(adapter_dir) else model.disable_adapter()
+        with context:
+            few_shot = few_shot_answers(loaded.model if is_full_model_dir(adapter_dir) else model, tokenizer, cfg,
+                                        gen_rows, device, amp_dtype)
     base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
     results["summary"] = {
         "perplexity_ratio_base_over_tuned": base["perplexity"] / tuned["perplexity"],
@@ -201,9 +241,12 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     }
     results["samples"] = [
         {"task": row["task"], "question": row["question"], "reference": row["answer"],
-         "base": answers["base"][i], "fine_tuned": answers["fine_tuned"][i]}
+         "base": answers["base"][i], "fine_tuned": answers["fine_tuned"][i],
+         **({"few_shot_base": few_shot["answers"][i]} if few_shot else {})}
         for i, row in enumerate(gen_rows)
     ]
+    if few_shot:
+        results["few_shot"] = {key: value for key, value in few_shot.items() if key != "answers"}
     results["showcase"] = generation_subset(results["samples"], cfg.eval.showcase_per_task)
     return _write_with_baselines(results, cfg)
 
@@ -219,9 +262,37 @@ def _write_with_baselines(results: dict, cfg: Config) -> dict:
     return results
 
 
-def rescore(cfg: Config) -> dict:
-    """`loralab evaluate --rescore`: the stored answers of eval.results_json scored again with today's
-    baselines and report, without loading a model (the answers are what the models generated)."""
+def add_few_shot(cfg: Config) -> dict:
+    """`loralab evaluate --add-few-shot`: the few-shot baseline's answers, from the base model alone,
+    added to the stored answers of eval.results_json (whose base and fine-tuned numbers stay), then
+    everything scored again."""
+    results = _stored_results(cfg)
+    if not cfg.eval.few_shot_ks:
+        raise LoralabError("eval.few_shot_ks is empty: nothing to add")
+    rows = {(r["task"], r["question"]): r for r in load_split(cfg.data.out_dir, results["split"])}
+    try:
+        gen_rows = [rows[(s["task"], s["question"])] for s in results["samples"]]
+    except KeyError as missing:
+        raise LoralabError(f"{cfg.eval.results_json}: question {missing} is not in {cfg.data.out_dir}'s "
+                           f"{results['split']} split; evaluate again on this data") from None
+    device = resolve_device(cfg.model.device)
+    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
+    loaded = load_base_model(cfg.model, device)
+    ensure_chat_template(loaded.tokenizer)
+    few_shot = few_shot_answers(loaded.model, loaded.tokenizer, cfg, gen_rows, device, amp_dtype)
+    if few_shot is None:
+        raise LoralabError(f"{cfg.data.out_dir}/eval_split.json is empty: the few-shot baseline chooses k on it")
+    for sample, answer in zip(results["samples"], few_shot.pop("answers")):
+        sample["few_shot_base"] = answer
+    from loralab.util.cpu import cpu_profile
+
+    # Generated later, maybe on another machine and precision than the stored answers: said in the file.
+    results["few_shot"] = {**few_shot, "added_by": "loralab evaluate --add-few-shot", "machine": cpu_profile(),
+                           "precision": str(amp_dtype) if amp_dtype else "fp32"}
+    return _write_with_baselines(results, cfg)
+
+
+def _stored_results(cfg: Config) -> dict:
     import json
 
     path = Path(cfg.eval.results_json)
@@ -230,6 +301,13 @@ def rescore(cfg: Config) -> dict:
     results = json.loads(path.read_text(encoding="utf-8"))
     if len(results.get("samples", [])) != results.get("generation_examples"):
         raise LoralabError(f"{path}: its samples are not every generated answer; run `loralab evaluate` again")
+    return results
+
+
+def rescore(cfg: Config) -> dict:
+    """`loralab evaluate --rescore`: the stored answers of eval.results_json scored again with today's
+    baselines and report, without loading a model (the answers are what the models generated)."""
+    results = _stored_results(cfg)
     results["rescored"] = {"command": "loralab evaluate --rescore",
                            "what": "baselines and report recomputed from the stored answers; the perplexities and "
                                    "answers are those of the evaluation that wrote this file"}

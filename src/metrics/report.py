@@ -39,7 +39,7 @@ def _bar_plot(
     plt.close(fig)
 
 
-def _baseline_lines(baselines: dict | None) -> list[str]:
+def _baseline_lines(baselines: dict | None, few_shot_info: dict | None) -> list[str]:
     """The fine-tuned model against constant answers and the base model, task by task (metrics/baselines.py)."""
     if not baselines:
         return []
@@ -49,21 +49,31 @@ def _baseline_lines(baselines: dict | None) -> list[str]:
         "",
         "Constant answers built from the training split alone, scored on the same questions with the same primary metric "
         "(0-100): the task's most frequent training answer, and its most frequent answer words as one string as long as "
-        "its median answer. The gain is the fine-tuned score minus the best competitor of each task (the base model or a "
-        "constant, whichever scores higher on these same questions, which can only favour the competitors), with a paired "
+        "its median answer; and the base model shown k training examples (few-shot), where the evaluation made it. The "
+        "gain is the fine-tuned score minus the best competitor of each task (whichever scores higher on these same "
+        "questions, which can only favour the competitors), with a paired "
         f"bootstrap 95 % interval over questions ({baselines['bootstrap']['resamples']} resamples, stratified by task).",
         "",
         f"Macro mean over tasks: fine-tuned {baselines['fine_tuned']:.1f}, best competitor per task "
         f"{baselines['best_baseline']:.1f}: **gain {baselines['gain']:+.1f} points (95 % CI {low:+.1f} to {high:+.1f})**.",
         "",
-        "| task | metric | fine-tuned | base | majority answer | frequent words | best competitor | gain (95 % CI) |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    few_shot = "few_shot_base" in next(iter(baselines["per_task"].values()), {})
+    if few_shot and few_shot_info:
+        by_k = ", ".join(f"k={k}: {v:.1f}" for k, v in few_shot_info["eval_domain_accuracy_by_k"].items())
+        lines += [f"Few-shot base: the base model with k={few_shot_info['k']} training examples of the task before "
+                  f"each question, k chosen on {few_shot_info['eval_questions']} eval-split questions ({by_k}).", ""]
+    lines += [
+        "| task | metric | fine-tuned | base | majority answer | frequent words |" + (" few-shot base |" if few_shot else "")
+        + " best competitor | gain (95 % CI) |",
+        "|---|---|---:|---:|---:|---:|" + ("---:|" if few_shot else "") + "---|---:|",
     ]
     for task, row in baselines["per_task"].items():
         lo, hi = row["gain_ci95"]
         lines.append(f"| {task} | {row['metric']} | {row['fine_tuned']:.1f} | {row['base']:.1f} | "
-                     f"{row['majority_answer']:.1f} | {row['frequent_words']:.1f} | {row['best_baseline']} | "
-                     f"{row['gain']:+.1f} ({lo:+.1f} to {hi:+.1f}) |")
+                     f"{row['majority_answer']:.1f} | {row['frequent_words']:.1f} | "
+                     + (f"{row['few_shot_base']:.1f} | " if few_shot else "")
+                     + f"{row['best_baseline']} | {row['gain']:+.1f} ({lo:+.1f} to {hi:+.1f}) |")
     lines += ["", "The constants:", "", "| task | most frequent answer | most frequent answer words |", "|---|---|---|"]
     for task, row in baselines["per_task"].items():
         majority, words = row["constants"].get("majority", ""), row["constants"].get("frequent_words", "")
@@ -101,7 +111,7 @@ def write_report(results: dict, cfg: Config) -> None:
         f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} "
         f"| {s['domain_accuracy_gain_points']:+.1f} points |",
         "",
-        *_baseline_lines(results.get("baselines")),
+        *_baseline_lines(results.get("baselines"), results.get("few_shot")),
         "## Per task",
         "",
         "| task | n | primary metric | base | fine-tuned | base EM | tuned EM | base contains | tuned contains "

@@ -31,6 +31,8 @@ def trained(tmp_path_factory, smol_dir):
     cfg.train.eval_examples = 16
     cfg.eval.generation_per_task = 1
     cfg.eval.max_new_tokens = 16
+    cfg.eval.few_shot_ks = [1, 2]
+    cfg.eval.few_shot_eval_per_task = 1
     prepare_dataset(cfg.data)
     result = train(cfg, quiet=True)
     return cfg, result
@@ -72,5 +74,8 @@ def test_evaluation_writes_results_and_report(trained):
         assert set(model["per_task"]) == set(cfg.data.builtin_per_task)
     report = Path(cfg.eval.report_md).read_text()
     assert "| answer perplexity" in report and "## Before and after" in report
+    assert results["few_shot"]["k"] in (1, 2) and set(results["few_shot"]["eval_domain_accuracy_by_k"]) == {"1", "2"}
+    assert all(s["few_shot_base"] is not None for s in results["samples"]) and "few-shot base |" in report
+    assert set(results["baselines"]["per_task"]) == set(cfg.data.builtin_per_task)
     assert Path(cfg.eval.plots_dir, "accuracy_by_task.png").is_file()
     assert json.loads(Path(cfg.eval.results_json).read_text())["summary"]["perplexity_ratio_base_over_tuned"] > 0

@@ -6,6 +6,8 @@ import json
 import pytest
 
 from loralab.cli import main
+from loralab.config import Config
+from loralab.metrics import evaluate
 from loralab.metrics.baselines import compare_with_baselines, constant_answers
 
 TRAIN = ([{"task": "label", "answer": "Yes"}] * 3 + [{"task": "label", "answer": "No"}] * 2
@@ -70,3 +72,37 @@ def test_rescore_adds_the_baselines_to_stored_answers_without_a_model(tmp_path):
     stored["samples"] = stored["samples"][:1]  # not every generated answer: refused, nothing rewritten
     (results_dir / "eval_results.json").write_text(json.dumps(stored))
     assert main(args) == 2
+
+
+def conversation(task: str, question: str, answer: str) -> dict:
+    return {"task": task, "question": question, "answer": answer,
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_few_shot_prepends_the_first_k_training_conversations_of_the_same_task():
+    train = [conversation("a", "qa1", "A1"), conversation("b", "qb1", "B1"), conversation("a", "qa2", "A2")]
+    (row,) = evaluate.with_examples([conversation("a", "q", "ref")], train, 2)
+    assert [m["content"] for m in row["messages"]] == ["qa1", "A1", "qa2", "A2", "q", "ref"]
+
+
+def test_few_shot_chooses_k_on_the_eval_split_then_answers_the_test_questions(tmp_path, monkeypatch):
+    """A stand-in model that answers right only when shown exactly 3 examples: k=3 is chosen, on eval rows."""
+    splits = {"train": [conversation("t", f"train {i}", f"answer {i}") for i in range(5)],
+              "eval": [conversation("t", f"eval {i}", "yes") for i in range(4)],
+              "test": [conversation("t", f"test {i}", "yes") for i in range(3)]}
+    for name, rows in splits.items():
+        (tmp_path / f"{name}_split.json").write_text(json.dumps(rows))
+    seen = []
+
+    def fake_generate(model, tokenizer, rows, *args, desc):
+        seen.append((desc, [r["question"] for r in rows]))
+        return ["yes" if len(r["messages"]) == 2 * 3 + 2 else "no" for r in rows]
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    cfg = Config()
+    cfg.data.out_dir = str(tmp_path)
+    cfg.eval.few_shot_ks, cfg.eval.few_shot_eval_per_task = [1, 3, 5], 2
+    result = evaluate.few_shot_answers(None, None, cfg, splits["test"], "cpu", None)
+    assert result["k"] == 3 and result["eval_domain_accuracy_by_k"] == {"1": 0.0, "3": 100.0, "5": 0.0}
+    assert all(question.startswith("eval") for desc, questions in seen[:3] for question in questions)
+    assert seen[-1][1] == ["test 0", "test 1", "test 2"] and result["answers"] == ["yes"] * 3
