@@ -6,6 +6,7 @@ included, needs the access token printed at start (as Jupyter does)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 from contextlib import asynccontextmanager
@@ -95,7 +96,6 @@ class NotFound(LookupError):
 
 def _guarded(handler):
     """A route's user errors as one-line JSON: 400 bad input, 403 outside the project, 404 unknown id."""
-    import functools
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
@@ -125,8 +125,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 # --- views: the same files the CLI writes, shaped for the page ---------------------------------------------
 
-def run_summary(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
-    entries = runs.curve(state.project, run)
+def run_summary(state: UiState, run: runs.RunFiles, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    entries = runs.curve(state.project, run) if entries is None else entries
     total = runs.total_steps(run, entries)
     status = runs.status(run, state.jobs.status_of_run(run.id))
     lora, train = run.section("lora"), run.section("train")
@@ -145,8 +145,8 @@ def run_summary(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
 
 
 def run_detail(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
-    detail = run_summary(state, run)
     entries = runs.curve(state.project, run)
+    detail = run_summary(state, run, entries)
     detail["curve"] = [{k: e.get(k) for k in ("step", "loss", "eval_loss", "tokens_per_s", "elapsed_s")} for e in entries]
     detail["config"] = run.config
     evaluation = _evaluation(state, run)

@@ -157,8 +157,11 @@ class Jobs:
 
     def _loop(self) -> None:
         while not self._stopped.wait(0.5):
-            self._reap()
-            self._start_queued()
+            try:
+                self._reap()
+                self._start_queued()
+            except OSError as exc:  # a job.json that cannot be written (full disk): said, and the queue goes on
+                print(f"loralab ui: jobs: {exc}", file=sys.stderr, flush=True)
 
     def _start_queued(self) -> None:
         with self._lock:
