@@ -14,6 +14,7 @@ from the same object with the adapter disabled, so the base model is loaded once
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -30,6 +31,7 @@ from loralab.metrics.losses import answer_token_nll
 from loralab.metrics.text import primary_metric, score_all
 from loralab.model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
 from loralab.util import atomic_io
+from loralab.util.cpu import cpu_profile
 from loralab.util.errors import LoralabError
 
 
@@ -125,16 +127,30 @@ def score_answers(rows: list[dict], answers: list[str]) -> dict:
     }
 
 
+def _load_base(cfg: Config):
+    """The base model with a chat template, the device, and the autocast dtype it is evaluated in."""
+    device = resolve_device(cfg.model.device)
+    loaded = load_base_model(cfg.model, device)
+    ensure_chat_template(loaded.tokenizer)
+    return loaded, device, resolve_autocast_dtype(cfg.model.precision, device)
+
+
+def _as_model(name: str, model, base_model, full_model: bool):
+    """(the model to run, the context to run it in) for "base" or "fine_tuned": with a whole tuned
+    model (lora.method=full) the base is its own object; otherwise one object serves both, the base
+    numbers coming from it with the adapter disabled."""
+    if full_model:
+        return (base_model if name == "base" else model), nullcontext()
+    return model, model.disable_adapter() if name == "base" else nullcontext()
+
+
 def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generation_per_task: int) -> dict:
     """Answer perplexity and domain accuracy of base+adapter alone on `split` (sweeps use "eval",
     so the test split stays untouched until the final comparison)."""
     rows = load_split(cfg.data.out_dir, split)
     if not rows:
         raise LoralabError(f"{cfg.data.out_dir}/{split}_split.json is empty")
-    device = resolve_device(cfg.model.device)
-    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
-    loaded = load_base_model(cfg.model, device)
-    ensure_chat_template(loaded.tokenizer)
+    loaded, device, amp_dtype = _load_base(cfg)
     model = load_adapter(loaded.model, adapter_dir)
     return measure_quality(cfg, model, loaded.tokenizer, rows, generation_per_task, device, amp_dtype)
 
@@ -189,12 +205,10 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     rows = load_split(cfg.data.out_dir, cfg.eval.split)
     if not rows:
         raise LoralabError(f"{cfg.data.out_dir}/{cfg.eval.split}_split.json is empty")
-    device = resolve_device(cfg.model.device)
-    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
-    loaded = load_base_model(cfg.model, device)
+    loaded, device, amp_dtype = _load_base(cfg)
     tokenizer = loaded.tokenizer
-    ensure_chat_template(tokenizer)
     model = load_adapter(loaded.model, adapter_dir)
+    full_model = is_full_model_dir(adapter_dir)
     gen_rows = generation_subset(rows, cfg.eval.generation_per_task)
 
     results: dict = {"split": cfg.eval.split, "examples": len(rows), "generation_examples": len(gen_rows),
@@ -202,10 +216,7 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     answers: dict[str, list[str]] = {}
     for name in ("base", "fine_tuned"):
         started = time.perf_counter()
-        if is_full_model_dir(adapter_dir):  # lora.method=full: a whole tuned model beside the base
-            current, context = (loaded.model if name == "base" else model), nullcontext()
-        else:  # one object: the base numbers come from the same model with the adapter disabled
-            current, context = model, model.disable_adapter() if name == "base" else nullcontext()
+        current, context = _as_model(name, model, loaded.model, full_model)
         with context:
             ppl = answer_perplexity(current, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
             answers[name] = generate_answers(
@@ -229,11 +240,10 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
                   f"± {m['domain_accuracy_se']:.1f}%", flush=True)
 
     few_shot = None
-    if cfg.eval.few_shot_ks:
-        context = nullcontext() if is_full_model_dir(adapter_dir) else model.disable_adapter()
+    if cfg.eval.few_shot_ks:  # the base model again, shown training examples
+        current, context = _as_model("base", model, loaded.model, full_model)
         with context:
-            few_shot = few_shot_answers(loaded.model if is_full_model_dir(adapter_dir) else model, tokenizer, cfg,
-                                        gen_rows, device, amp_dtype)
+            few_shot = few_shot_answers(current, tokenizer, cfg, gen_rows, device, amp_dtype)
     base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
     results["summary"] = {
         "perplexity_ratio_base_over_tuned": base["perplexity"] / tuned["perplexity"],
@@ -275,17 +285,12 @@ def add_few_shot(cfg: Config) -> dict:
     except KeyError as missing:
         raise LoralabError(f"{cfg.eval.results_json}: question {missing} is not in {cfg.data.out_dir}'s "
                            f"{results['split']} split; evaluate again on this data") from None
-    device = resolve_device(cfg.model.device)
-    amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
-    loaded = load_base_model(cfg.model, device)
-    ensure_chat_template(loaded.tokenizer)
+    loaded, device, amp_dtype = _load_base(cfg)
     few_shot = few_shot_answers(loaded.model, loaded.tokenizer, cfg, gen_rows, device, amp_dtype)
     if few_shot is None:
         raise LoralabError(f"{cfg.data.out_dir}/eval_split.json is empty: the few-shot baseline chooses k on it")
     for sample, answer in zip(results["samples"], few_shot.pop("answers")):
         sample["few_shot_base"] = answer
-    from loralab.util.cpu import cpu_profile
-
     # Generated later, maybe on another machine and precision than the stored answers: said in the file.
     results["few_shot"] = {**few_shot, "added_by": "loralab evaluate --add-few-shot", "machine": cpu_profile(),
                            "precision": str(amp_dtype) if amp_dtype else "fp32"}
@@ -293,8 +298,6 @@ def add_few_shot(cfg: Config) -> dict:
 
 
 def _stored_results(cfg: Config) -> dict:
-    import json
-
     path = Path(cfg.eval.results_json)
     if not path.is_file():
         raise LoralabError(f"{path}: not found; run `loralab evaluate` first")

@@ -125,8 +125,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 # --- views: the same files the CLI writes, shaped for the page ---------------------------------------------
 
-def run_summary(state: UiState, run: runs.RunFiles, entries: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    entries = runs.curve(state.project, run) if entries is None else entries
+def run_summary(state: UiState, run: runs.RunFiles, entries: list[dict[str, Any]], results: dict | None) -> dict[str, Any]:
+    """One row of the Runs table, from the run's log entries and its evaluation (`eval_results`)."""
     total = runs.total_steps(run, entries)
     status = runs.status(run, state.jobs.status_of_run(run.id))
     lora, train = run.section("lora"), run.section("train")
@@ -141,24 +141,34 @@ def run_summary(state: UiState, run: runs.RunFiles, entries: list[dict[str, Any]
             "steps": entries[-1]["step"] if entries else (total if run.done else 0), "total_steps": total,
             "final_eval_loss": args.get("final_eval_loss", last_eval), "updated": updated,
             "progress": runs.progress(entries, total) if status in ("running", "queued") else None,
-            "servable": servable(run)}
+            "servable": servable(run), "has_samples": bool(results and results.get("samples"))}
+
+
+def summary_of(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
+    return run_summary(state, run, runs.curve(state.project, run), eval_results(state, run))
 
 
 def run_detail(state: UiState, run: runs.RunFiles) -> dict[str, Any]:
-    entries = runs.curve(state.project, run)
-    detail = run_summary(state, run, entries)
+    entries, results = runs.curve(state.project, run), eval_results(state, run)
+    detail = run_summary(state, run, entries, results)
     detail["curve"] = [{k: e.get(k) for k in ("step", "loss", "eval_loss", "tokens_per_s", "elapsed_s")} for e in entries]
     detail["config"] = run.config
-    evaluation = _evaluation(state, run)
-    detail["eval"], detail["samples"], detail["report_html"] = evaluation
+    detail["eval"], detail["samples"], detail["report_html"] = _evaluation(state, run, results)
     return detail
 
 
-def _evaluation(state: UiState, run: runs.RunFiles) -> tuple[dict | None, list, str | None]:
-    """The run's eval_results.json and report.md, when they evaluated this adapter."""
+def eval_results(state: UiState, run: runs.RunFiles) -> dict | None:
+    """The run's eval_results.json, when it evaluated this adapter."""
     results_path = runs.result_file(state.project, run, "eval", "results_json", "eval_results.json")
     results = runs.read_json(results_path) if results_path else None
     if not isinstance(results, dict) or not _same_path(state.project, results.get("adapter_dir"), run.adapter_dir):
+        return None
+    return results
+
+
+def _evaluation(state: UiState, run: runs.RunFiles, results: dict | None) -> tuple[dict | None, list, str | None]:
+    """Headline metrics, before/after answers and the rendered report.md of the run's evaluation."""
+    if results is None:
         return None, [], None
     models = results.get("models", {})
     headline: dict[str, Any] = {"split": results.get("split"), "examples": results.get("examples")}
@@ -334,7 +344,7 @@ def _lookup_job(state: UiState, job_id: str) -> str:
 
 def runs_listing(state: UiState) -> dict[str, Any]:
     found = runs.find_runs(state.project)
-    items = sorted((run_summary(state, run) for run in found.values()), key=lambda r: -(r["updated"] or 0))
+    items = sorted((summary_of(state, run) for run in found.values()), key=lambda r: -(r["updated"] or 0))
     study_items = [{"id": sid, "kind": kind, "title": f"{kind}: {sid}", "path": sid, "updated": path.stat().st_mtime}
                    for sid, (kind, path) in sorted(studies.find_studies(state.project).items())]
     return {"runs": items, "studies": study_items}

@@ -57,9 +57,9 @@ class ConfigSource:
 
 def _settable() -> list[tuple[str, str, str, tuple]]:
     """(key, section, name, (type, choices)) of every field the form shows and a job may set."""
-    found = []
+    found, defaults = [], Config()
     for section in SECTIONS:
-        cls = type(getattr(Config(), section))
+        cls = type(getattr(defaults, section))
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             key, kind = f"{section}.{f.name}", _field_type(hints[f.name])

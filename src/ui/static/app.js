@@ -459,7 +459,7 @@ async function showJob(id) {
     const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
     if (!isLatest("job", t)) return;
     $("#job-log-title").textContent = `Job ${job.id} (${job.verb}): ${job.status}${job.error ? " · " + job.error : ""}`;
-    const log = Array.isArray(job.log_tail) ? job.log_tail.join("\n") : (job.log_tail || "");
+    const log = job.log_tail || "";
     const pre = $("#job-log");
     const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
     pre.textContent = log || "(no output yet)";
@@ -474,7 +474,7 @@ async function showJob(id) {
  *  list first, so a job shown "done" already has its run listed as done. */
 async function pollJobs() {
   const data = await api("/api/jobs");
-  state.jobs = Array.isArray(data) ? data : (data && data.jobs) || [];
+  state.jobs = data;
   const now = new Map(state.jobs.map((j) => [String(j.id), `${j.status}|${j.run_id}`]));
   const changed = state.jobStatus !== null &&
     (now.size !== state.jobStatus.size || Array.from(now).some(([id, s]) => state.jobStatus.get(id) !== s));
@@ -689,28 +689,12 @@ async function streamAnswer(model, prompt, maxTokens, box) {
   box.classList.add("done");
 }
 
-/** The runs that have before/after answers. A Run may say so itself (`has_samples`); else each
- *  finished run's detail is asked, a few at a time. */
-async function loadExampleRuns() {
+/** The runs that have before/after answers (each Run says so in `has_samples`); their answers are
+ *  fetched when one is chosen. */
+function loadExampleRuns() {
   if (state.sampleRuns) return;
-  state.sampleRuns = [];
-  const t = ticket("examples");
-  const found = new Map();
-  try {
-    let candidates = state.runs;
-    if (candidates.some((r) => "has_samples" in r)) candidates.filter((r) => r.has_samples).forEach((r) => found.set(r.id, null));
-    else {
-      candidates = candidates.filter((r) => r.status === "done");
-      for (let i = 0; i < candidates.length; i += 4) {
-        const details = await Promise.all(candidates.slice(i, i + 4).map((r) => api(`/api/runs/detail?id=${encodeURIComponent(r.id)}`).catch(() => null)));
-        for (const d of details) if (d && d.samples && d.samples.length) found.set(d.id, d.samples);
-      }
-    }
-    if (!isLatest("examples", t)) return;
-    state.sampleRuns = Array.from(found, ([id, samples]) => ({ id, samples, run: state.runs.find((r) => r.id === id) }));
-    setOptions($("#pg-example-run"), state.sampleRuns.map((s) => [s.id, (s.run && s.run.name) || s.id]), "— choose a run —");
-    showError("pg-example-error", null);
-  } catch (err) { state.sampleRuns = null; showError("pg-example-error", err); }
+  state.sampleRuns = state.runs.filter((r) => r.has_samples).map((r) => ({ id: r.id, samples: null, run: r }));
+  setOptions($("#pg-example-run"), state.sampleRuns.map((s) => [s.id, s.run.name]), "— choose a run —");
 }
 
 async function showExample() {
@@ -729,16 +713,12 @@ async function showExample() {
 
 // ---------- Data tab ----------
 
-const dirName = (d) => (typeof d === "string" ? d : d.path || d.dir || d.id);
-
 async function loadDataDirs(select) {
   try {
-    const data = await api("/api/data/dirs");
-    const dirs = (data.dirs || []).map(dirName);
+    const { dirs } = await api("/api/data/dirs");
     const node = $("#data-dir");
     setOptions(node, dirs.map((d) => [d, d]));
-    const want = select && (dirs.find((d) => d === select) || dirs.find((d) => d.endsWith(select) || select.endsWith(d)));
-    if (want) node.value = want;
+    if (select && dirs.includes(select)) node.value = select;
     if (node.value) await loadData(node.value);
     showError("data-error", null);
   } catch (err) { showError("data-error", err); }
@@ -749,10 +729,9 @@ async function loadData(dir) {
   try {
     const data = await api(`/api/data?dir=${encodeURIComponent(dir)}`);
     if (!isLatest("data", t)) return;
-    const card = data.card || data;
-    renderCounts(countsOf(data, card));
-    renderDropped(card, data);
-    renderDataSamples(data.samples || card.samples);
+    renderCounts(countsOf(data));
+    renderDropped(data);
+    renderDataSamples(data.samples);
     showError("data-error", null);
   } catch (err) {
     if (!isLatest("data", t)) return;
@@ -761,26 +740,10 @@ async function loadData(dir) {
   }
 }
 
-/** Normalise the counts to {split: {total, tasks: {task: n}}}: either `counts` in that shape (tasks
- *  nested or alongside total), or the card's `splits` and `tasks`. */
-function countsOf(data, card) {
-  const c = data.counts || card;
-  const out = {};
-  if (c.splits || c.tasks) {
-    const splits = c.splits || {}, tasks = c.tasks || {};
-    for (const s of new Set([...Object.keys(splits), ...Object.keys(tasks)])) {
-      const t = tasks[s] || {};
-      out[s] = { total: splits[s] ?? Object.values(t).reduce((a, b) => a + b, 0), tasks: t };
-    }
-    return out;
-  }
-  for (const [s, v] of Object.entries(c)) {
-    if (!v || typeof v !== "object") continue;
-    const { total, tasks, ...rest } = v;
-    const t = tasks || rest;
-    out[s] = { total: total ?? Object.values(t).reduce((a, b) => a + b, 0), tasks: t };
-  }
-  return out;
+/** The card's `splits` (rows per split) and `tasks` (rows per split and task) as
+ *  {split: {total, tasks: {task: n}}}. */
+function countsOf(data) {
+  return Object.fromEntries(Object.entries(data.splits).map(([s, total]) => [s, { total, tasks: data.tasks[s] || {} }]));
 }
 
 function renderCounts(counts) {
@@ -792,42 +755,24 @@ function renderCounts(counts) {
       el("th", {}, s), el("td", {}, fmt(counts[s].total)), tasks.map((t) => el("td", {}, fmt(counts[s].tasks[t] ?? 0)))))));
 }
 
-/** What prepare dropped: `cleaning` (key → value) and `skipped` (the card's skipped_invalid_rows,
- *  {count, first: [reasons]}; a plain count, a mapping or a list of rows are shown too). */
-function renderDropped(card, data) {
-  const items = [];
-  for (const [k, v] of Object.entries(card.cleaning || data.cleaning || {})) items.push(el("li", {}, `${k} → ${fmt(v)}`));
-  const skipped = data.skipped ?? card.skipped_invalid_rows ?? card.skipped;
-  if (skipped && typeof skipped === "object" && !Array.isArray(skipped) && "count" in skipped) {
-    const reasons = Array.isArray(skipped.first) ? skipped.first : [];
-    items.push(el("li", {}, `skipped invalid rows → ${fmt(skipped.count)}`, reasons.length ? el("ul", {}, reasons.map((r) => el("li", {}, String(r)))) : null));
-    $("#data-dropped").replaceChildren(el("ul", {}, items));
-    return;
+/** What prepare dropped: `cleaning` (key → count) and `skipped` (data.skip_invalid's
+ *  {count, first: [reasons]}, or null). */
+function renderDropped(data) {
+  const items = Object.entries(data.cleaning).map(([k, v]) => el("li", {}, `${k} → ${fmt(v)}`));
+  if (data.skipped) {
+    items.push(el("li", {}, `skipped invalid rows → ${fmt(data.skipped.count)}`,
+      el("ul", {}, data.skipped.first.map((r) => el("li", {}, r)))));
   }
-  const reason = (r) => (r && typeof r === "object" ? [r.line ?? r.row ?? r.index, r.reason ?? r.error ?? JSON.stringify(r)].filter((x) => x !== undefined && x !== null).join(": ") : String(r));
-  if (Array.isArray(skipped)) {
-    items.push(el("li", {}, `skipped → ${skipped.length}`, skipped.length ? el("ul", {}, skipped.map((r) => el("li", {}, reason(r)))) : null));
-  } else if (skipped && typeof skipped === "object") {
-    for (const [k, v] of Object.entries(skipped)) {
-      if (Array.isArray(v)) items.push(el("li", {}, `skipped ${k} → ${v.length}`, v.length ? el("ul", {}, v.map((r) => el("li", {}, reason(r)))) : null));
-      else items.push(el("li", {}, `skipped ${k} → ${fmt(v)}`));
-    }
-  } else if (skipped !== undefined && skipped !== null) items.push(el("li", {}, `skipped → ${fmt(skipped)}`));
   $("#data-dropped").replaceChildren(items.length ? el("ul", {}, items) : el("p", { className: "muted" }, "nothing dropped"));
 }
 
-/** One table per split; `samples` is {split: [rows]} or a list of rows carrying their `split`. */
+/** One table per split of `samples` ({split: [rows]}). */
 function renderDataSamples(samples) {
-  let bySplit = samples || {};
-  if (Array.isArray(samples)) {
-    bySplit = {};
-    for (const r of samples) (bySplit[r.split || "rows"] = bySplit[r.split || "rows"] || []).push(r);
-  }
   const cols = ["task", "question", "answer"];
   const table = (rows) => el("table", { className: "samples" },
     el("thead", {}, el("tr", {}, cols.map((c) => el("th", {}, c)))),
-    el("tbody", {}, (rows || []).map((r) => el("tr", {}, cols.map((c) => el("td", { className: c }, fmt(r[c] ?? "")))))));
-  $("#data-samples").replaceChildren(...Object.entries(bySplit).map(([split, rows]) =>
+    el("tbody", {}, rows.map((r) => el("tr", {}, cols.map((c) => el("td", { className: c }, fmt(r[c] ?? "")))))));
+  $("#data-samples").replaceChildren(...Object.entries(samples).map(([split, rows]) =>
     el("div", { className: "split-samples", dataset: { split } }, el("h4", {}, split), table(rows))));
 }
 
@@ -848,12 +793,9 @@ async function uploadDataset() {
       const value = $(`#upload-${key.replace("_", "-")}`).value.trim();
       if (value) body[key] = value;
     }
-    const card = await api("/api/datasets", { method: "POST", body });
-    // {"out_dir", "card"}: the folder it was prepared into and prepare's dataset card
-    const dir = card.out_dir ?? card.dir ?? "";
-    const records = (card.card && card.card.processed_records) ?? card.processed_records ?? "?";
-    out.textContent = `prepared into ${dir}: ${records} records`;
-    await loadDataDirs(dir);
+    const prepared = await api("/api/datasets", { method: "POST", body });  // {out_dir, card}
+    out.textContent = `prepared into ${prepared.out_dir}: ${prepared.card.processed_records} records`;
+    await loadDataDirs(prepared.out_dir);
   } catch (err) { fail(String(err.message || err).split("\n")[0]); } finally { button.disabled = false; }
 }
 
