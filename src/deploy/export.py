@@ -13,7 +13,7 @@ and must be far closer to it than the base model without the adapter is (ADAPTER
 besides an absolute bound per type (QUALITY_BOUNDS). An export that drops the adapter fails.
 
 With `export.evaluate`, every format is also measured on the test split (answer perplexity,
-domain accuracy) and for size, load time and tokens/s, into experiments/export_report.md.
+domain score) and for size, load time and tokens/s, into experiments/export_report.md.
 (Weight-only int8 is a serving option, `serve.int8`, not an export: nothing else loads it back.)
 """
 

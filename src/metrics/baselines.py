@@ -4,7 +4,9 @@ and (when the evaluation generated them) the base model's answers with k trainin
 Per task, from the training split alone: the most frequent training answer (the majority class of
 a classification task), and a constant string of the most frequent training-answer words, as long
 as the task's median answer (what an overlap metric rewards most cheaply). Each is scored on the
-same questions with the same primary metric as the models. The fine-tuned model's gain is stated
+same questions with the same primary metric as the models, corrected for chance (metrics.text.
+above_chance), under which a constant scores 0 by construction: the constants stay in the table, with
+their raw scores beside, as the check that the correction holds on real data. The fine-tuned model's gain is stated
 over the best competitor of each task (the base model or a constant, whichever scores higher on
 that task), with a 95 % confidence interval from a paired bootstrap over questions, stratified by
 task (so every resample keeps each task's size and the macro mean stays a mean of tasks); the best
@@ -22,7 +24,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from loralab.metrics.text import METRICS, normalize, primary_metric
+from loralab.metrics.text import METRICS, above_chance, normalize, primary_metric
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -45,57 +47,88 @@ def constant_answers(train_rows: list[dict]) -> dict[str, dict[str, str]]:
     return constants
 
 
-def _question_scores(samples: list[dict], answer_of) -> dict[str, np.ndarray]:
-    """task -> the primary-metric score of each question, for answers given by `answer_of(sample)`."""
-    by_task: dict[str, list[dict]] = defaultdict(list)
+def _points(mean: float) -> float:
+    """A 0-1 mean in points, rounded so that a constant's sum of cancelling terms reads 0.0, not -0.0."""
+    return round(100 * float(mean), 9) + 0.0
+
+
+def _by_task(samples: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
     for sample in samples:
-        by_task[sample["task"]].append(sample)
+        groups[sample["task"]].append(sample)
+    return groups
+
+
+def _question_scores(groups: dict[str, list[dict]], answer_of) -> dict[str, np.ndarray]:
+    """task -> each question's primary score above chance, for answers given by `answer_of(sample)`."""
     scores = {}
-    for task, rows in by_task.items():
-        metric = METRICS[primary_metric(task, [r["reference"] for r in rows])]
-        scores[task] = np.array([metric(answer_of(r), r["reference"]) for r in rows], dtype=np.float64)
+    for task, rows in groups.items():
+        references = [r["reference"] for r in rows]
+        scores[task] = above_chance(primary_metric(task, references), [answer_of(r) for r in rows], references)
     return scores
 
 
+def _raw_means(groups: dict[str, list[dict]], answer_of) -> dict[str, float]:
+    """task -> 100 x the mean raw primary score (before the chance correction), for the report's side table."""
+    means = {}
+    for task, rows in groups.items():
+        metric = METRICS[primary_metric(task, [r["reference"] for r in rows])]
+        means[task] = 100 * float(np.mean([metric(answer_of(r), r["reference"]) for r in rows]))
+    return means
+
+
 def compare_with_baselines(samples: list[dict], train_rows: list[dict]) -> dict:
-    """Every competitor's per-task primary score on the generated questions (`samples`: task,
-    reference, base and fine_tuned answers), and the fine-tuned gain over the best competitor of each
-    task, per task and as a macro mean, each with a bootstrap 95 % interval (points of 0-100)."""
+    """Every competitor's per-task primary score above chance on the generated questions (`samples`:
+    task, reference, base and fine_tuned answers), and the fine-tuned gain over the best competitor of
+    each task, per task and as a macro mean, each with a bootstrap 95 % interval (points of 0-100)."""
     constants = constant_answers(train_rows)
-    competitors = {
-        "base": _question_scores(samples, lambda s: s["base"]),
-        "majority_answer": _question_scores(samples, lambda s: constants.get(s["task"], {}).get("majority", "")),
-        "frequent_words": _question_scores(samples, lambda s: constants.get(s["task"], {}).get("frequent_words", "")),
+    answer_of = {
+        "base": lambda s: s["base"],
+        "majority_answer": lambda s: constants.get(s["task"], {}).get("majority", ""),
+        "frequent_words": lambda s: constants.get(s["task"], {}).get("frequent_words", ""),
     }
     if samples and all("few_shot_base" in s for s in samples):  # the base model shown k training examples
-        competitors["few_shot_base"] = _question_scores(samples, lambda s: s["few_shot_base"])
-    tuned = _question_scores(samples, lambda s: s["fine_tuned"])
+        answer_of["few_shot_base"] = lambda s: s["few_shot_base"]
+    groups = _by_task(samples)
+    competitors = {name: _question_scores(groups, fn) for name, fn in answer_of.items()}
+    tuned = _question_scores(groups, lambda s: s["fine_tuned"])
+    raw = {name: _raw_means(groups, fn) for name, fn in {**answer_of, "fine_tuned": lambda s: s["fine_tuned"]}.items()}
     tasks = sorted(tuned)
     best = {t: max(competitors, key=lambda name: (competitors[name][t].mean(), name == "base")) for t in tasks}
     rng = np.random.default_rng(BOOTSTRAP_SEED)  # one stream: each task draws its own questions, independently
     draws = {t: rng.integers(0, len(tuned[t]), size=(BOOTSTRAP_RESAMPLES, len(tuned[t]))) for t in tasks}
-    per_task, gain_draws = {}, []
+    per_task, gain_draws = {}, {}
     for t in tasks:
-        draw = _gain_draws(tuned[t], [competitors[name][t] for name in competitors], draws[t])
-        gain_draws.append(draw)
+        draw = gain_draws[t] = _gain_draws(tuned[t], [competitors[name][t] for name in competitors], draws[t])
         low, high = np.percentile(draw, [2.5, 97.5])
         per_task[t] = {"n": len(tuned[t]),
                        "metric": primary_metric(t, [s["reference"] for s in samples if s["task"] == t]),
-                       "fine_tuned": 100 * tuned[t].mean(),
-                       **{name: 100 * scores[t].mean() for name, scores in competitors.items()},
+                       "fine_tuned": _points(tuned[t].mean()),
+                       **{name: _points(scores[t].mean()) for name, scores in competitors.items()},
                        "best_baseline": best[t], "gain": 100 * (tuned[t].mean() - competitors[best[t]][t].mean()),
-                       "gain_ci95": [100 * float(low), 100 * float(high)], "constants": constants.get(t, {})}
-    low, high = np.percentile(np.mean(gain_draws, axis=0), [2.5, 97.5])
+                       "gain_ci95": [100 * float(low), 100 * float(high)], "constants": constants.get(t, {}),
+                       "raw": {name: means[t] for name, means in raw.items()}}
+    metrics = sorted({row["metric"] for row in per_task.values()})
     return {
         "per_task": per_task,
-        "fine_tuned": 100 * float(np.mean([tuned[t].mean() for t in tasks])),
-        "best_baseline": 100 * float(np.mean([competitors[best[t]][t].mean() for t in tasks])),
-        "gain": float(np.mean([row["gain"] for row in per_task.values()])),
-        "gain_ci95": [100 * float(low), 100 * float(high)],
+        **_macro(per_task, gain_draws, tasks),
+        "by_metric": {m: {"tasks": [t for t in tasks if per_task[t]["metric"] == m],
+                          **_macro(per_task, gain_draws, [t for t in tasks if per_task[t]["metric"] == m])}
+                      for m in metrics},
         "bootstrap": {"resamples": BOOTSTRAP_RESAMPLES, "seed": BOOTSTRAP_SEED,
                       "method": "paired percentile bootstrap over questions, stratified by task; the best "
                                 "competitor chosen again in each resample"},
     }
+
+
+def _macro(per_task: dict, gain_draws: dict[str, np.ndarray], tasks: list[str]) -> dict:
+    """The macro means over `tasks` of the fine-tuned score, the best competitor's and the gain, with
+    the gain's 95 % interval from the tasks' resampled gains averaged draw by draw."""
+    low, high = np.percentile(np.mean([gain_draws[t] for t in tasks], axis=0), [2.5, 97.5])
+    return {"fine_tuned": float(np.mean([per_task[t]["fine_tuned"] for t in tasks])),
+            "best_baseline": float(np.mean([per_task[t][per_task[t]["best_baseline"]] for t in tasks])),
+            "gain": float(np.mean([per_task[t]["gain"] for t in tasks])),
+            "gain_ci95": [100 * float(low), 100 * float(high)]}
 
 
 def _gain_draws(tuned: np.ndarray, competitors: list[np.ndarray], picks: np.ndarray) -> np.ndarray:

@@ -3,9 +3,10 @@
 - Answer perplexity: exp of the token-weighted mean negative log-likelihood of the reference
   answer tokens (including the end-of-turn token) given the prompt rendered with the tokenizer's
   own chat template: exp(sum of NLL over all answer tokens / number of answer tokens).
-- Domain accuracy: greedy answers to the first `eval.generation_per_task` questions of each task,
-  scored by the task's primary metric (metrics.PRIMARY_METRIC); the headline is the macro mean
-  over task types, in percent.
+- Domain scores: greedy answers to the first `eval.generation_per_task` questions of each task,
+  scored by the task's primary metric (metrics.text.PRIMARY_METRIC: exact match or chrF) corrected
+  for chance, so that a constant answer scores 0; one headline per primary metric (the mean over its
+  tasks, in points), and their macro mean over all tasks (`domain_accuracy`) as the ranking key.
 - Before/after answers to a fixed set of prompts (the first `eval.showcase_per_task` per task).
 
 The adapter is loaded with plain `PeftModel.from_pretrained`, and the base model's numbers come
@@ -28,7 +29,7 @@ from loralab.config import Config
 from loralab.data.chat import collate, encode_chat, ensure_chat_template, left_pad, prompt_ids
 from loralab.data.prepare import load_split
 from loralab.metrics.losses import answer_token_nll
-from loralab.metrics.text import primary_metric, score_all
+from loralab.metrics.text import above_chance, primary_metric, score_all
 from loralab.model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
 from loralab.util import atomic_io
 from loralab.util.cpu import cpu_profile
@@ -105,8 +106,11 @@ def generation_subset(rows: list[dict], per_task: int) -> list[dict]:
 
 
 def score_answers(rows: list[dict], answers: list[str]) -> dict:
-    """Per task: every metric's mean, and the task's primary metric with its standard error
-    (std of the per-question scores / sqrt(n)); the headline is the macro mean over tasks."""
+    """Per task: every metric's raw mean, and the task's primary metric above chance (metrics.text.
+    above_chance: 0 for any answer that ignores its question) with its standard error (std of the
+    per-question scores / sqrt(n)). Headlines, in points: the mean over the tasks of each primary
+    metric (exact-match tasks apart from chrF tasks, never one average of both), and `domain_accuracy`,
+    the macro mean of every task's corrected primary score, which tune and compare rank by."""
     by_task: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for row, answer in zip(rows, answers):
         by_task[row["task"]].append((answer, row["answer"]))
@@ -115,16 +119,27 @@ def score_answers(rows: list[dict], answers: list[str]) -> dict:
         scores = [score_all(a, r) for a, r in pairs]
         means = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}
         metric = primary_metric(task, [r for _, r in pairs])
-        values = [s[metric] for s in scores]
-        variance = sum((v - means[metric]) ** 2 for v in values) / max(len(values) - 1, 1)
-        per_task[task] = {"n": len(pairs), "primary_metric": metric, "primary": means[metric],
-                          "primary_se": math.sqrt(variance / len(values)), **means}
+        values = above_chance(metric, [a for a, _ in pairs], [r for _, r in pairs])
+        se = float(values.std(ddof=1)) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+        per_task[task] = {"n": len(pairs), "primary_metric": metric, "primary": float(values.mean()), "primary_se": se,
+                          "primary_raw": means[metric], **means}
+    by_metric: dict[str, list[str]] = defaultdict(list)
+    for task, row in per_task.items():
+        by_metric[row["primary_metric"]].append(task)
     k = len(per_task)
     return {
         "domain_accuracy": 100 * sum(v["primary"] for v in per_task.values()) / k,
         "domain_accuracy_se": 100 * math.sqrt(sum(v["primary_se"] ** 2 for v in per_task.values())) / k,
+        "by_metric": {metric: {"tasks": tasks, "score": 100 * sum(per_task[t]["primary"] for t in tasks) / len(tasks)}
+                      for metric, tasks in sorted(by_metric.items())},
         "per_task": per_task,
     }
+
+
+def headline(scores: dict) -> str:
+    """One line of the per-metric headlines, e.g. "exact_match above chance 12.5 (4 tasks), chrf ..."."""
+    return ", ".join(f"{metric} above chance {group['score']:.1f} ({len(group['tasks'])} tasks)"
+                     for metric, group in scores["by_metric"].items())
 
 
 def _load_base(cfg: Config):
@@ -145,7 +160,7 @@ def _as_model(name: str, model, base_model, full_model: bool):
 
 
 def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generation_per_task: int) -> dict:
-    """Answer perplexity and domain accuracy of base+adapter alone on `split` (sweeps use "eval",
+    """Answer perplexity and domain score of base+adapter alone on `split` (sweeps use "eval",
     so the test split stays untouched until the final comparison)."""
     rows = load_split(cfg.data.out_dir, split)
     if not rows:
@@ -156,7 +171,7 @@ def evaluate_adapter(cfg: Config, adapter_dir: str | Path, split: str, generatio
 
 
 def measure_quality(cfg: Config, model, tokenizer, rows: list[dict], generation_per_task: int, device, amp_dtype) -> dict:
-    """Answer perplexity over `rows` and domain accuracy over the first `generation_per_task` per task."""
+    """Answer perplexity over `rows` and domain score over the first `generation_per_task` per task."""
     gen_rows = generation_subset(rows, generation_per_task)
     ppl = answer_perplexity(model, tokenizer, rows, cfg.eval.batch_size, cfg.train.max_length, device, amp_dtype)
     answers = generate_answers(model, tokenizer, gen_rows, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype,
@@ -236,8 +251,7 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
         }
         if not quiet:
             m = results["models"][name]
-            print(f"{name}: answer perplexity {m['perplexity']:.2f}, domain accuracy {m['domain_accuracy']:.1f} "
-                  f"± {m['domain_accuracy_se']:.1f}%", flush=True)
+            print(f"{name}: answer perplexity {m['perplexity']:.2f}, {headline(m)}", flush=True)
 
     few_shot = None
     if cfg.eval.few_shot_ks:  # the base model again, shown training examples
@@ -311,8 +325,19 @@ def rescore(cfg: Config) -> dict:
     """`loralab evaluate --rescore`: the stored answers of eval.results_json scored again with today's
     baselines and report, without loading a model (the answers are what the models generated)."""
     results = _stored_results(cfg)
+    references = [{"task": s["task"], "answer": s["reference"]} for s in results["samples"]]
+    for name, model in results["models"].items():
+        for key in ("domain_accuracy", "domain_accuracy_se", "by_metric", "per_task"):
+            model.pop(key, None)
+        model.update(score_answers(references, [s[name] for s in results["samples"]]))
+    base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
+    results["summary"]["domain_accuracy_gain_points"] = tuned["domain_accuracy"] - base["domain_accuracy"]
+    if "few_shot" in results:  # its k was chosen on eval-split answers that were not stored
+        results["few_shot"].setdefault("k_chosen_with", "the metrics of the evaluation that generated the answers, "
+                                                        "not those of loralab evaluate --rescore")
     results["rescored"] = {"command": "loralab evaluate --rescore",
-                           "what": "baselines and report recomputed from the stored answers; the perplexities and "
-                                   "answers are those of the evaluation that wrote this file"}
+                           "what": "scores, baselines and report recomputed from the stored answers with today's "
+                                   "metrics; the perplexities and answers are those of the evaluation that wrote "
+                                   "this file"}
     return _write_with_baselines(results, cfg)
 

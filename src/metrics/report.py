@@ -48,21 +48,29 @@ def _baseline_lines(baselines: dict | None, few_shot_info: dict | None) -> list[
         "## Against baselines",
         "",
         "Constant answers built from the training split alone, scored on the same questions with the same primary metric "
-        "(0-100): the task's most frequent training answer, and its most frequent answer words as one string as long as "
-        "its median answer; and the base model shown k training examples (few-shot), where the evaluation made it. The "
+        "above chance (0-100): the task's most frequent training answer, and its most frequent answer words as one string "
+        "as long as its median answer; and the base model shown k training examples (few-shot), where the evaluation made "
+        "it. Above chance, any answer that ignores its question scores 0; their raw scores are in the last table. The "
         "gain is the fine-tuned score minus the best competitor of each task (whichever scores higher on these same "
         "questions, which can only favour the competitors), with a paired "
         f"bootstrap 95 % interval over questions ({baselines['bootstrap']['resamples']} resamples, stratified by task).",
         "",
-        f"Macro mean over tasks: fine-tuned {baselines['fine_tuned']:.1f}, best competitor per task "
-        f"{baselines['best_baseline']:.1f}: **gain {baselines['gain']:+.1f} points (95 % CI {low:+.1f} to {high:+.1f})**.",
+        "| tasks scored by | tasks | fine-tuned | best competitor per task | gain (95 % CI) |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {metric} above chance | {len(group['tasks'])} | {group['fine_tuned']:.1f} | {group['best_baseline']:.1f} "
+          f"| **{group['gain']:+.1f}** ({group['gain_ci95'][0]:+.1f} to {group['gain_ci95'][1]:+.1f}) |"
+          for metric, group in baselines.get("by_metric", {}).items()),
+        f"| macro mean of all tasks (ranking key) | {len(baselines['per_task'])} | {baselines['fine_tuned']:.1f} "
+        f"| {baselines['best_baseline']:.1f} | {baselines['gain']:+.1f} ({low:+.1f} to {high:+.1f}) |",
         "",
     ]
     few_shot = "few_shot_base" in next(iter(baselines["per_task"].values()), {})
     if few_shot and few_shot_info:
         by_k = ", ".join(f"k={k}: {v:.1f}" for k, v in few_shot_info["eval_domain_accuracy_by_k"].items())
         lines += [f"Few-shot base: the base model with k={few_shot_info['k']} training examples of the task before "
-                  f"each question, k chosen on {few_shot_info['eval_questions']} eval-split questions ({by_k}).", ""]
+                  f"each question, k chosen on {few_shot_info['eval_questions']} eval-split questions ({by_k}"
+                  + (f"; scored with {few_shot_info['k_chosen_with']}" if "k_chosen_with" in few_shot_info else "")
+                  + ").", ""]
     lines += [
         "| task | metric | fine-tuned | base | majority answer | frequent words |" + (" few-shot base |" if few_shot else "")
         + " best competitor | gain (95 % CI) |",
@@ -74,10 +82,15 @@ def _baseline_lines(baselines: dict | None, few_shot_info: dict | None) -> list[
                      f"{row['majority_answer']:.1f} | {row['frequent_words']:.1f} | "
                      + (f"{row['few_shot_base']:.1f} | " if few_shot else "")
                      + f"{row['best_baseline']} | {row['gain']:+.1f} ({lo:+.1f} to {hi:+.1f}) |")
-    lines += ["", "The constants:", "", "| task | most frequent answer | most frequent answer words |", "|---|---|---|"]
+    lines += ["", "The constants, and every answer's raw primary score (before the chance correction, 0-100):", "",
+              "| task | most frequent answer | most frequent answer words | raw: fine-tuned | base | majority | "
+              "frequent words |" + (" few-shot |" if few_shot else ""),
+              "|---|---|---|---:|---:|---:|---:|" + ("---:|" if few_shot else "")]
     for task, row in baselines["per_task"].items():
-        majority, words = row["constants"].get("majority", ""), row["constants"].get("frequent_words", "")
-        lines.append(f"| {task} | {_cell(majority, 80)} | {_cell(words, 80)} |")
+        majority, words, raw = row["constants"].get("majority", ""), row["constants"].get("frequent_words", ""), row["raw"]
+        lines.append(f"| {task} | {_cell(majority, 80)} | {_cell(words, 80)} | {raw['fine_tuned']:.1f} | {raw['base']:.1f} "
+                     f"| {raw['majority_answer']:.1f} | {raw['frequent_words']:.1f} |"
+                     + (f" {raw['few_shot_base']:.1f} |" if few_shot else ""))
     return [*lines, ""]
 
 
@@ -88,7 +101,7 @@ def write_report(results: dict, cfg: Config) -> None:
     report_path = Path(cfg.eval.report_md)
     rel = lambda p: Path(os.path.relpath(p, report_path.parent)).as_posix()  # noqa: E731
 
-    _bar_plot(plots / "accuracy_by_task.png", "Domain accuracy by task (primary metric)", "score (0-1)",
+    _bar_plot(plots / "accuracy_by_task.png", "Domain score by task (primary metric above chance)", "score (0-1)",
               tasks, [base["per_task"][t]["primary"] for t in tasks], [tuned["per_task"][t]["primary"] for t in tasks])
     ppl_tasks = sorted(base["per_task_ppl"])
     _bar_plot(plots / "perplexity_by_task.png", "Answer perplexity by task (lower is better)", "perplexity (log scale)",
@@ -106,7 +119,11 @@ def write_report(results: dict, cfg: Config) -> None:
         "|---|---:|---:|---:|",
         f"| answer perplexity (token-weighted, lower is better) | {base['perplexity']:.2f} | {tuned['perplexity']:.2f} "
         f"| {s['perplexity_ratio_base_over_tuned']:.2f}x lower |",
-        "| domain accuracy (macro mean of per-task primary metric, %, ± standard error) "
+        *(f"| {metric} above chance, mean of {len(group['tasks'])} tasks (points, 0 for any constant answer) "
+          f"| {group['score']:.1f} | {tuned['by_metric'][metric]['score']:.1f} "
+          f"| {tuned['by_metric'][metric]['score'] - group['score']:+.1f} points |"
+          for metric, group in base.get("by_metric", {}).items()),
+        "| macro mean of both over tasks (the ranking key of tune and compare, ± standard error) "
         f"| {base['domain_accuracy']:.1f} ± {base['domain_accuracy_se']:.1f} "
         f"| {tuned['domain_accuracy']:.1f} ± {tuned['domain_accuracy_se']:.1f} "
         f"| {s['domain_accuracy_gain_points']:+.1f} points |",
@@ -114,24 +131,26 @@ def write_report(results: dict, cfg: Config) -> None:
         *_baseline_lines(results.get("baselines"), results.get("few_shot")),
         "## Per task",
         "",
-        "| task | n | primary metric | base | fine-tuned | base EM | tuned EM | base contains | tuned contains "
-        "| base ppl | tuned ppl |",
+        "| task | n | primary metric | base above chance | fine-tuned above chance | base raw | tuned raw "
+        "| base contains | tuned contains | base ppl | tuned ppl |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in tasks:
         b, f = base["per_task"][t], tuned["per_task"][t]
         lines.append(
             f"| {t} | {b['n']} | {b['primary_metric']} | {b['primary']:.3f} ± {b['primary_se']:.3f} "
-            f"| {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['exact_match']:.3f} | "
-            f"{f['exact_match']:.3f} | {b['contains']:.3f} | {f['contains']:.3f} "
+            f"| {f['primary']:.3f} ± {f['primary_se']:.3f} | {b['primary_raw']:.3f} | {f['primary_raw']:.3f} "
+            f"| {b['contains']:.3f} | {f['contains']:.3f} "
             f"| {base['per_task_ppl'].get(t, float('nan')):.2f} | "
             f"{tuned['per_task_ppl'].get(t, float('nan')):.2f} |"
         )
     lines += [
         "",
-        "± is one standard error over the questions of a task (with 20 questions, an exact-match rate of 0.5 has ± 0.11). "
-        "`contains` credits an answer that includes the reference anywhere (lenient towards the verbose base model); "
-        "exact match and token F1 use SQuAD normalisation (lower case, no punctuation or articles).",
+        "Above chance: an answer's score against its own reference minus its mean score against the task's other "
+        "references, so an answer that ignores its question scores 0 however common its words. ± is one standard error "
+        "over the questions of a task. chrF is sacrebleu's (character 6-grams); exact match uses SQuAD normalisation "
+        "(lower case, no punctuation or articles); `contains` credits an answer that includes the reference anywhere "
+        "(lenient towards the verbose base model). Token F1 and ROUGE-L (rouge-score, stemmed) are in the JSON.",
         "",
         f"![accuracy by task]({rel(plots / 'accuracy_by_task.png')})",
         f"![perplexity by task]({rel(plots / 'perplexity_by_task.png')})",

@@ -197,9 +197,9 @@ def _accuracy(r: _Ranking) -> list[str]:
     methods = r.methods
     acc = sorted(methods, key=lambda m: -methods[m]["domain_accuracy"])
     acc_tied = [m for m in acc[1:] if not separated(methods[acc[0]], methods[m], "domain_accuracy", r.seeds)]
-    return [f"- **Domain accuracy:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
-            f"{methods[acc[0]]['domain_accuracy_sd']:.1f} %); {len(acc_tied)} of the other {len(acc) - 1} are within seed noise "
-            "of it, so accuracy on this many test questions does not rank the methods."]
+    return [f"- **Domain score:** highest is {acc[0]} ({methods[acc[0]]['domain_accuracy']:.1f} ± "
+            f"{methods[acc[0]]['domain_accuracy_sd']:.1f} points); {len(acc_tied)} of the other {len(acc) - 1} are "
+            "within seed noise of it, so the domain score on this many test questions does not rank the methods."]
 
 
 def _best_group_costs(r: _Ranking) -> list[str]:

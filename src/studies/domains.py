@@ -7,7 +7,7 @@
    saw together, so the comparison is one adapter against three, at the same data.
 2. Training: every adapter with the config's LoRA settings, learning rate and seed, one epoch.
 3. Cross-evaluation: the base and every adapter on every domain's test split (answer perplexity;
-   domain accuracy on the first `domains.generation_per_task` test questions per task), and on the
+   domain score on the first `domains.generation_per_task` test questions per task), and on the
    general-knowledge probe (general_knowledge.py) for forgetting.
 Every training goes through the study runner (studies/runner.py: a fresh process, a record, a directory
 named by its run identity); each finished training and each finished cell of the matrix is stored when
@@ -200,7 +200,8 @@ def _markdown(cfg: Config, summary: dict) -> str:
     ]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(f"{matrix[m][d]['perplexity']:.2f}" for d in domains) + " |")
-    lines += ["", f"## Domain accuracy, % (first {dc.generation_per_task} test questions per task, ± standard error)", "",
+    lines += ["", f"## Domain score, points above chance (first {dc.generation_per_task} test questions per task, "
+              "± standard error)", "",
               header, rule]
     for m in models:
         lines.append(f"| {m} | " + " | ".join(f"{matrix[m][d]['domain_accuracy']:.1f} ± {matrix[m][d]['domain_accuracy_se']:.1f}"
@@ -245,7 +246,7 @@ def _plot(cfg: Config, summary: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     for ax, values, title, cmap, fmt in [
         (axes[0], ratio, "test answer perplexity / base's (lower is better)", "RdYlGn_r", "{:.2f}"),
-        (axes[1], accuracy, "test domain accuracy % (higher is better)", "RdYlGn", "{:.1f}"),
+        (axes[1], accuracy, "test domain score, points above chance (higher is better)", "RdYlGn", "{:.1f}"),
     ]:
         image = ax.imshow(values, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(domains)), [f"{d} test" for d in domains])

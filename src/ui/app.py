@@ -175,7 +175,7 @@ def _evaluation(state: UiState, run: runs.RunFiles, results: dict | None) -> tup
     for name, label in (("base", "base"), ("fine_tuned", "fine-tuned")):
         scores = models.get(name, {})
         headline[f"{label} perplexity"] = scores.get("perplexity")
-        headline[f"{label} domain accuracy %"] = scores.get("domain_accuracy")
+        headline[f"{label} domain score (above chance)"] = scores.get("domain_accuracy")
     for key, value in results.get("summary", {}).items():
         headline[key.replace("_", " ")] = value
     baselines = results.get("baselines")

@@ -54,7 +54,7 @@ def _argmin(values: list[float | None]) -> int | None:
 def _compare(data: dict) -> tuple[Table, Chart]:
     methods = data.get("methods", {})
     columns = ["method", "learning rate", "seeds", "eval loss", "± sd", "test perplexity", "± sd",
-               "domain accuracy %", "± sd", "tokens/s", "trainable params"]
+               "domain score (above chance)", "± sd", "tokens/s", "trainable params"]
     rows, eval_losses = [], []
     for name, m in methods.items():
         rows.append([name, m.get("learning_rate"), len(m.get("runs", [])), m.get("eval_loss"), m.get("eval_loss_sd"),
@@ -84,7 +84,7 @@ def _tune(data: dict) -> tuple[Table, Chart]:
 def _sweep(data: dict) -> tuple[Table, Chart]:
     points = data.get("points", [])
     labels = [", ".join(f"{k}={v}" for k, v in p.get("params", {}).items()) or "center" for p in points]
-    columns = ["point", "eval loss", "eval perplexity", "domain accuracy %", "tokens/s", "trainable params"]
+    columns = ["point", "eval loss", "eval perplexity", "domain score (above chance)", "tokens/s", "trainable params"]
     rows = [[label, p.get("eval_loss"), p.get("eval_perplexity"), p.get("domain_accuracy"), p.get("tokens_per_s"),
              p.get("trainable_parameters")] for label, p in zip(labels, points)]
     losses = [p.get("eval_loss") for p in points]
@@ -96,7 +96,7 @@ def _sweep(data: dict) -> tuple[Table, Chart]:
 def _domains(data: dict) -> tuple[Table, Chart]:
     matrix = data.get("matrix", {})
     domains = list(data.get("domains", {}))
-    columns = ["model", *(f"{d} accuracy %" for d in domains), *(f"{d} perplexity" for d in domains),
+    columns = ["model", *(f"{d} score" for d in domains), *(f"{d} perplexity" for d in domains),
                "general MC accuracy %", "general text perplexity"]
     rows = []
     for model, scores in matrix.items():
@@ -104,7 +104,8 @@ def _domains(data: dict) -> tuple[Table, Chart]:
         rows.append([model, *(scores.get(d, {}).get("domain_accuracy") for d in domains),
                      *(scores.get(d, {}).get("perplexity") for d in domains),
                      general.get("mc_accuracy"), general.get("text_perplexity")])
-    chart = {"title": "domain accuracy % of each model on each domain (± standard error)", "labels": list(matrix),
+    chart = {"title": "domain score (points above chance) of each model on each domain (± standard error)",
+             "labels": list(matrix),
              "series": [{"name": d, "values": [s.get(d, {}).get("domain_accuracy") for s in matrix.values()],
                          "errors": [s.get(d, {}).get("domain_accuracy_se") for s in matrix.values()]} for d in domains]}
     return {"columns": columns, "rows": rows, "best": None}, chart

@@ -9,6 +9,7 @@ from loralab.cli import main
 from loralab.config import Config
 from loralab.metrics import evaluate
 from loralab.metrics.baselines import compare_with_baselines, constant_answers
+from loralab.metrics.text import above_chance, chrf
 
 TRAIN = ([{"task": "label", "answer": "Yes"}] * 3 + [{"task": "label", "answer": "No"}] * 2
          + [{"task": "text", "answer": "fracture of the left arm"}, {"task": "text", "answer": "fracture of the skull"},
@@ -32,22 +33,37 @@ def test_a_model_that_answers_the_constant_gains_nothing_and_a_right_one_gains_w
     refs = ["Yes", "No", "Yes", "No", "Yes", "No", "Yes", "No"]
     parrot = compare_with_baselines(samples(["Yes"] * 8, ["maybe"] * 8, refs, "label"), TRAIN)
     row = parrot["per_task"]["label"]
-    assert row["majority_answer"] == 50.0 and row["best_baseline"] == "majority_answer"
-    assert row["gain"] == 0.0 and row["gain_ci95"] == [0.0, 0.0]
+    # Raw, the majority answer is right half the time; above chance, it and the parrot score exactly 0.
+    assert row["raw"]["majority_answer"] == 50.0 and row["majority_answer"] == 0.0 and row["fine_tuned"] == 0.0
+    # It is the majority answer, so no resample puts it above the best competitor: the interval ends at 0.
+    assert row["gain"] == 0.0 and row["gain_ci95"][0] < 0.0 == row["gain_ci95"][1]
     right = compare_with_baselines(samples(refs, ["maybe"] * 8, refs, "label"), TRAIN)
     low, high = right["gain_ci95"]
-    assert right["gain"] == 50.0 and 0 < low < 50 < high <= 100
+    # Each right answer: 1 against its own reference, minus 3/7 against the other seven (three share it).
+    assert right["gain"] == pytest.approx(100 * 4 / 7) and 0 < low < right["gain"] <= high + 1e-9
+
+
+def test_no_answer_that_ignores_its_question_scores_above_zero_however_much_the_raw_metric_gives_it():
+    references = ["fracture of the left arm", "fracture of the skull", "burn of the arm", "fracture of rib"]
+    for metric in ("chrf", "exact_match", "token_f1", "rouge_l"):
+        for constant in ("fracture of the arm", "of", "fracture of the skull"):
+            assert above_chance(metric, [constant] * 4, references).mean() == pytest.approx(0.0, abs=1e-12)
+    assert chrf("fracture of the arm", references[0]) > 0.5  # raw, the constant scores well
+    assert above_chance("chrf", references, references).mean() > 0.3  # each right answer is specific
 
 
 def test_the_gain_is_over_the_best_competitor_of_each_task_and_macro_averaged():
     label = samples(["Yes", "No"], ["Yes", "No"], ["Yes", "No"], "label")  # the base model is right: gain 0
-    reference = "arm fracture of the humerus bone here"  # over four words: scored by token F1
-    text = samples([reference] * 2, ["?"] * 2, [reference] * 2, "text")
+    references = ["arm fracture of the humerus bone here", "burn of the skin on the left hand, second degree"]
+    text = samples(references, ["fracture", "fracture"], references, "text")  # over four words: chrF
     result = compare_with_baselines(label + text, TRAIN)
     assert result["per_task"]["label"]["best_baseline"] == "base" and result["per_task"]["label"]["gain"] == 0.0
     text_row = result["per_task"]["text"]
-    assert text_row["best_baseline"] == "frequent_words" and 0 < text_row["frequent_words"] < 100
+    assert text_row["metric"] == "chrf" and text_row["frequent_words"] == 0.0 and text_row["raw"]["frequent_words"] > 0
+    assert 0 < text_row["gain"] <= 100
     assert result["gain"] == pytest.approx((0.0 + text_row["gain"]) / 2)
+    assert result["by_metric"]["chrf"]["gain"] == pytest.approx(text_row["gain"])
+    assert result["by_metric"]["exact_match"]["tasks"] == ["label"]
 
 
 def test_rescore_adds_the_baselines_to_stored_answers_without_a_model(tmp_path):
@@ -66,8 +82,11 @@ def test_rescore_adds_the_baselines_to_stored_answers_without_a_model(tmp_path):
     args = ["evaluate", "--rescore", "--set", f"data.out_dir={tmp_path / 'data'}", "--set", f"eval.results_dir={results_dir}"]
     assert main(args) == 0
     rescored = json.loads((results_dir / "eval_results.json").read_text())
-    assert rescored["baselines"]["per_task"]["label"]["gain"] == 50.0  # 100 vs the majority answer's 50
-    assert rescored["models"] == stored["models"] and rescored["samples"] == stored["samples"]
+    assert rescored["baselines"]["per_task"]["label"]["gain"] == 100.0  # right and specific; constants score 0
+    tuned, base = rescored["models"]["fine_tuned"], rescored["models"]["base"]
+    assert tuned["domain_accuracy"] == 100.0 and base["domain_accuracy"] == 0.0  # scored again with today's metric
+    assert tuned["perplexity"] == 2.0 and rescored["samples"] == stored["samples"]  # what the models said stays
+    assert rescored["summary"]["domain_accuracy_gain_points"] == 100.0
     assert "## Against baselines" in (results_dir / "report.md").read_text()
     stored["samples"] = stored["samples"][:1]  # not every generated answer: refused, nothing rewritten
     (results_dir / "eval_results.json").write_text(json.dumps(stored))
@@ -88,15 +107,15 @@ def test_few_shot_prepends_the_first_k_training_conversations_of_the_same_task()
 def test_few_shot_chooses_k_on_the_eval_split_then_answers_the_test_questions(tmp_path, monkeypatch):
     """A stand-in model that answers right only when shown exactly 3 examples: k=3 is chosen, on eval rows."""
     splits = {"train": [conversation("t", f"train {i}", f"answer {i}") for i in range(5)],
-              "eval": [conversation("t", f"eval {i}", "yes") for i in range(4)],
-              "test": [conversation("t", f"test {i}", "yes") for i in range(3)]}
+              "eval": [conversation("t", f"eval {i}", f"yes {i}") for i in range(4)],
+              "test": [conversation("t", f"test {i}", f"yes {i}") for i in range(3)]}
     for name, rows in splits.items():
         (tmp_path / f"{name}_split.json").write_text(json.dumps(rows))
     seen = []
 
     def fake_generate(model, tokenizer, rows, *args, desc):
         seen.append((desc, [r["question"] for r in rows]))
-        return ["yes" if len(r["messages"]) == 2 * 3 + 2 else "no" for r in rows]
+        return [r["answer"] if len(r["messages"]) == 2 * 3 + 2 else "no" for r in rows]
 
     monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
     cfg = Config()
@@ -105,4 +124,4 @@ def test_few_shot_chooses_k_on_the_eval_split_then_answers_the_test_questions(tm
     result = evaluate.few_shot_answers(None, None, cfg, splits["test"], "cpu", None)
     assert result["k"] == 3 and result["eval_domain_accuracy_by_k"] == {"1": 0.0, "3": 100.0, "5": 0.0}
     assert all(question.startswith("eval") for desc, questions in seen[:3] for question in questions)
-    assert seen[-1][1] == ["test 0", "test 1", "test 2"] and result["answers"] == ["yes"] * 3
+    assert seen[-1][1] == ["test 0", "test 1", "test 2"] and result["answers"] == ["yes 0", "yes 1", "yes 2"]
