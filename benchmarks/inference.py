@@ -229,6 +229,9 @@ def main() -> None:
     results["ratios"] = ratios(results["runs"], levels)
     for line in results["ratios"]["lines"]:
         print(line)
+    from loralab.util import provenance
+
+    results["provenance"] = provenance.record(None, results["command"])
     out = REPO / "benchmarks" / "results" / f"inference_{results['cpu']['class']}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out.relative_to(REPO)}")

@@ -175,10 +175,12 @@ def main() -> None:
         m = r["measured"]
         print(f"{r['factor']:<15}{str(r['point'][r['factor']]):>7}{m['weights']:>9.1f}{m['activations']:>9.1f}{m['gradients']:>8.1f}"
               f"{m['optimizer']:>8.1f}{m['other']:>8.1f}{m['peak_rss']:>10.1f}")
+    from loralab.util import provenance
+
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps({"command": "python benchmarks/memory_breakdown.py", "default": DEFAULT, "rows": rows}, indent=2) + "\n"
-    )
+    command = "python benchmarks/memory_breakdown.py"
+    RESULTS.write_text(json.dumps({"command": command, "default": DEFAULT, "rows": rows,
+                                   "provenance": provenance.record(None, command)}, indent=2) + "\n")
     plot(rows)
     print(f"wrote {RESULTS.relative_to(REPO)} and {PLOT.relative_to(REPO)}")
 

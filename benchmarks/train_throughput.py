@@ -360,6 +360,8 @@ def main() -> None:
 
 def _write(args, cpu: dict, peak: dict, best: str, results: dict, failed: dict, header: str, table: list[str],
            targets: str) -> None:
+    from loralab.util import provenance
+
     command = ("python benchmarks/train_throughput.py" + (" --ablation" if args.ablation else "")
                + f" --examples {args.examples} --seeds {' '.join(map(str, args.seeds))}")
     stem = RESULTS_DIR / f"train_throughput_{cpu['class']}"
@@ -368,7 +370,7 @@ def _write(args, cpu: dict, peak: dict, best: str, results: dict, failed: dict, 
               "cpu": cpu, "matmul_peak_gflops": peak, "best_baseline": best,
               "header": header, "table": table, "targets": targets,  # as printed; loralab analysis quotes them
               "overrides": {name: ABLATION.get(name, {}) for name in results if name not in BASELINES},
-              "results": results, "failed": failed}
+              "results": results, "failed": failed, "provenance": provenance.record(None, command)}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"Written by `{command}`.\n\n{header}\n\n" + "\n".join(table)
                                        + f"\n\n{targets}\n")

@@ -2,7 +2,7 @@
 
     loralab prepare  [--dataset PATH] [--format F] [--question-field Q] [--answer-field A]
     loralab train    [--resume]
-    loralab evaluate [--adapter DIR] [--rescore | --add-few-shot]
+    loralab evaluate [--adapter DIR] [--rescore | --add-few-shot | --lm-eval TASKS [--lm-eval-limit N]]
     loralab run      [--quick] [--resume]       # prepare + train + evaluate + report
     loralab tune     [--quick] [--storage URL] [--study-name N] [--sampler S] [--n-trials K] [--timeout-minutes M]
                                                 # Optuna search; experiments/metrics_comparison.json
@@ -14,10 +14,12 @@
                                                 # OpenAI-compatible HTTP server, multi-LoRA, batched
     loralab compare  [--quick]                  # methods x seeds on the test split; experiments/method_comparison.md
     loralab domains  [--quick]                  # specialists + mixture, cross-evaluated; experiments/domain_transfer.md
+    loralab inject   [--quick]                  # can an adapter learn its facts? experiments/knowledge_injection.md
     loralab prune    [--adapter DIR] [--method M] [--sparsity S] [--source merged|base] [--recover] [--study]
                                                 # a pruned HF directory; --study: experiments/pruning_study.md
     loralab ui       [--host H] [--port P]      # local web dashboard (runs, launch, compare, playground, data)
     loralab analysis                            # experiments/optimization_analysis.md from the committed results
+    loralab provenance [--check]                # committed results, their commits, the stale ones
     loralab config                              # print the resolved config as YAML
 
 Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
@@ -97,6 +99,18 @@ def run_train(cfg: Config, args: argparse.Namespace) -> int:
 def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.metrics.evaluate import add_few_shot, evaluate_model_pair, rescore
 
+    if args.lm_eval_limit is not None and not args.lm_eval:
+        raise LoralabError("--lm-eval-limit applies to --lm-eval TASKS")
+    if args.lm_eval:  # lm-evaluation-harness alone, into its own file: the usual evaluation is not rerun
+        if args.rescore or args.add_few_shot:
+            raise LoralabError("--lm-eval runs on its own; give --rescore or --add-few-shot in a separate command")
+        from loralab.metrics.evaluate import refresh_report
+        from loralab.metrics.harness import run_harness
+
+        run_harness(cfg, args.lm_eval, adapter_dir=args.adapter, limit=args.lm_eval_limit)
+        refreshed = refresh_report(cfg)  # the report shows the new section
+        print(f"wrote {cfg.eval.lm_eval_results_json}" + (f" and {cfg.eval.report_md}" if refreshed else ""))
+        return 0
     if args.rescore or args.add_few_shot:
         if args.adapter:
             raise LoralabError("--rescore and --add-few-shot work on the answers stored in eval.results_json; "
@@ -179,6 +193,16 @@ def run_domains(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def run_inject(cfg: Config, args: argparse.Namespace) -> int:
+    from loralab.studies.inject import run_inject as inject
+
+    summary = inject(cfg)
+    ic = cfg.inject
+    print(f"{len(summary['runs']) - 1} adapters on {summary['facts']} facts; wrote {ic.results_json}, {ic.summary_md} "
+          f"and {ic.plot}")
+    return 0
+
+
 def run_prune(cfg: Config, args: argparse.Namespace) -> int:
     if args.study:
         from loralab.prune.study import prune_study
@@ -207,6 +231,14 @@ def run_analysis(cfg: Config, args: argparse.Namespace) -> int:
 
     print(f"wrote {write_analysis()}")
     return 0
+
+
+def run_provenance(cfg: Config, args: argparse.Namespace) -> int:
+    from loralab.audit import audit, render
+
+    statuses = audit()
+    print(render(statuses))
+    return 1 if args.check and any(s.stale for s in statuses) else 0
 
 
 def adapter_pairs(values: list[str]) -> dict[str, str]:
@@ -241,6 +273,10 @@ VERBS: tuple[Verb, ...] = (
              help="score the answers stored in eval.results_json again (baselines, report); loads no model"),
         flag("--add-few-shot", action="store_true",
              help="add the few-shot baseline (the base model alone) to the answers stored in eval.results_json"),
+        flag("--lm-eval", metavar="TASKS",
+             help="instead: lm-evaluation-harness on base and base + adapter, tasks mmlu_medical,domain_ppl "
+                  "(local files); writes lm_eval_results.json beside eval.results_json (needs pip install lm-eval==0.4.13)"),
+        flag("--lm-eval-limit", type=int, metavar="N", help="with --lm-eval: only the first N documents of each task"),
     )),
     Verb("run", "prepare, train, evaluate and report", run_pipeline, (flag("--resume", action="store_true"),)),
     Verb("merge", "merge the adapter into the base model (plain HF directory)", run_merge, (
@@ -275,6 +311,8 @@ VERBS: tuple[Verb, ...] = (
     )),
     Verb("compare", "every method, same data and budget, own lr, seeds; test split", run_compare),
     Verb("domains", "an adapter per domain and one on their mixture, cross-evaluated, forgetting", run_domains),
+    Verb("inject", "knowledge injection: recall of trained facts, as trained and in new words, vs epochs, rank, "
+         "modules, lr; forgetting", run_inject),
     Verb("prune", "prune the fine-tuned (or base) model: magnitude, Wanda, 2:4, heads, MLP channels, layers",
          run_prune, (
              ADAPTER_DIR,
@@ -296,6 +334,9 @@ VERBS: tuple[Verb, ...] = (
         flag("--port", sets="ui.port", type=int, help="port (default: a free one)"),
     )),
     Verb("analysis", "rebuild experiments/optimization_analysis.md from the committed results", run_analysis),
+    Verb("provenance", "every committed result with the commit that wrote it; flags the stale ones", run_provenance, (
+        flag("--check", action="store_true", help="exit 1 when any result is stale (for CI)"),
+    )),
     Verb("config", "print the resolved configuration", print_config),
 )
 VERBS_BY_NAME = {verb.name: verb for verb in VERBS}

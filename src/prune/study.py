@@ -22,7 +22,7 @@ from loralab.prune.measure import SPEED_REPEATS, measure_directory, measure_gguf
 from loralab.prune.prune import check_adapter, load_source, prune_to_directory, save_pruned
 from loralab.studies.runner import in_fresh_process
 from loralab.studies.writer import write_results
-from loralab.util import atomic_io
+from loralab.util import atomic_io, provenance
 from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_description, machine_summary
 
@@ -130,13 +130,14 @@ def prune_study(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
     for number, point in enumerate(points, 1):
         path = Path(p.records_dir) / f"{slug(point)}.json"
         record = json.loads(path.read_text()) if path.is_file() else {"point": point, "machine": machine_description()}
-        savers[point] = lambda r, path=path: atomic_io.write_json(path, r)
+        # Each point's record says which code measured it: points of one study may come from several sessions.
+        savers[point] = lambda r, path=path: atomic_io.write_json(path, {**r, "provenance": provenance.record(cfg.to_dict())})
         print(f"prune study: point {number}/{len(points)}: {point}", flush=True)
         records[point] = _run_point(cfg, adapter_dir, point, record, savers[point])
     # Speeds last, all models in interleaved rounds: only ratios measured together compare on a shared machine.
     _measure_speeds(cfg, records, savers)
     summary = summarize(cfg, records, adapter_dir)
-    write_results(p.results_json, summary, p.summary_md, markdown, lambda s: plot(s, p.plots_dir))
+    write_results(p.results_json, summary, p.summary_md, markdown, lambda s: plot(s, p.plots_dir), config=cfg.to_dict())
     return summary
 
 

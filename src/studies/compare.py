@@ -30,6 +30,7 @@ from loralab.studies.records import RecordStore, RunRecord
 from loralab.studies.runner import recorded_run, run_root
 from loralab.studies.space import Budget, trial_config
 from loralab.studies.writer import write_results
+from loralab.training.tracking import StudyRun, study_run
 from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_summary
@@ -90,7 +91,16 @@ class _Progress:
 
 
 def compare(cfg: Config) -> dict:
-    check(cfg)
+    check(cfg)  # before the tracked parent run opens: a bad config leaves no failed run behind
+    cc = cfg.compare
+    with study_run(cfg, "compare", Path(cc.runs_dir).name) as tracked:  # each run a nested run of this one
+        summary = _compare(cfg, tracked)
+        tracked.log_artifact(cc.summary_md)
+        tracked.log_artifact(cc.results_json)
+    return summary
+
+
+def _compare(cfg: Config, tracked: StudyRun) -> dict:
     cc = cfg.compare
     card = prepare_dataset(cfg.data)
     if not card["splits"]["eval"] or not card["splits"]["test"]:
@@ -102,7 +112,7 @@ def compare(cfg: Config) -> dict:
                      "methods_planned": list(cc.methods),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for entry in cc.methods:  # a method, or method@quantized-base
-        search = _lr_search(cfg, entry, rates[entry], store, progress, summary)
+        search = _lr_search(cfg, entry, rates[entry], store, progress, summary, tracked)
         finite = [s for s in search if math.isfinite(s["eval_loss"])]  # a diverged candidate (NaN) never wins
         if not finite:
             raise LoralabError(f"{entry}: every learning rate in compare.learning_rates diverged (NaN eval loss)")
@@ -110,7 +120,7 @@ def compare(cfg: Config) -> dict:
         seeds = []
         for seed in cc.seeds:
             progress.say(f"{entry}: lr {best_lr:g}, seed {seed} (test split)", count=seed != cc.seeds[0])
-            record, _ = _run(cfg, entry, best_lr, seed, store, cc.generation_per_task)
+            record, _ = _run(cfg, entry, best_lr, seed, store, cc.generation_per_task, tracked)
             _note_machine(summary, record)
             seeds.append({"seed": seed, **record.to_json()})
         summary["methods"][entry] = _aggregate(entry, best_lr, search, seeds)
@@ -119,15 +129,16 @@ def compare(cfg: Config) -> dict:
 
 
 def _run(cfg: Config, entry: str, lr: float, seed: int, store: RecordStore,
-         test_generation: int) -> tuple[RunRecord, Path]:
+         test_generation: int, tracked: StudyRun | None = None) -> tuple[RunRecord, Path]:
     """One run of the comparison, done once (studies/runner.py), and its run directory."""
     params = _params(cfg, entry, lr, seed)
     root = run_root(cfg.compare.runs_dir, cfg, params, budget(cfg))
-    return recorded_run(cfg, params, root, budget(cfg), store, test_generation), root
+    tracking = tracked.child(f"{entry} lr={lr:g} seed={seed}") if tracked else None
+    return recorded_run(cfg, params, root, budget(cfg), store, test_generation, tracking=tracking), root
 
 
 def _lr_search(cfg: Config, entry: str, grid: list[float], store: RecordStore, progress: _Progress,
-               summary: dict) -> list[dict]:
+               summary: dict, tracked: StudyRun | None = None) -> list[dict]:
     """Eval loss of each learning rate of the grid (first seed), extended past its edge while the edge wins."""
     cc = cfg.compare
     search: list[dict] = []
@@ -135,7 +146,7 @@ def _lr_search(cfg: Config, entry: str, grid: list[float], store: RecordStore, p
     while pending:
         lr = pending.pop(0)
         progress.say(f"{entry}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)")
-        record, root = _run(cfg, entry, lr, cc.seeds[0], store, 0)
+        record, root = _run(cfg, entry, lr, cc.seeds[0], store, 0, tracked)
         _note_machine(summary, record)
         search.append({"learning_rate": lr, "eval_loss": record.eval_loss, "run_dir": str(root)})
         if not pending:
@@ -264,4 +275,5 @@ def _plot(cfg: Config, summary: dict) -> None:
 
 def _write(cfg: Config, summary: dict) -> None:
     cc = cfg.compare
-    write_results(cc.results_json, summary, cc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data))
+    write_results(cc.results_json, summary, cc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data),
+                  config=cfg.to_dict())

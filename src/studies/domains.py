@@ -31,10 +31,12 @@ from loralab.data.prepare import load_split, prepare_dataset
 from loralab.metrics.evaluate import measure_quality
 from loralab.metrics.general_knowledge import score_general_knowledge
 from loralab.model_utils import load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
+from loralab.studies.cells import Cells
 from loralab.studies.records import RecordStore, RunRecord
 from loralab.studies.runner import recorded_run, run_root
 from loralab.studies.space import Budget
 from loralab.studies.writer import write_results
+from loralab.training.tracking import StudyRun, study_run
 from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_description
@@ -76,36 +78,21 @@ def _training_sets(cfg: Config, prepared: dict[str, Path]) -> dict[str, Path]:
     return sets
 
 
-def _train(cfg: Config, data_dir: Path) -> tuple[RunRecord, str]:
+def _train(cfg: Config, data_dir: Path, tracked: StudyRun | None = None) -> tuple[RunRecord, str]:
     """One adapter, one epoch over `data_dir`'s training split (done once: studies/runner.py); its record
     and its adapter directory."""
     on_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, out_dir=str(data_dir)))
     budget = Budget(len(load_split(data_dir, "train")), len(load_split(data_dir, "eval")))
     root = run_root(Path(cfg.domains.runs_dir) / "adapters", on_data, {}, budget)
-    record = recorded_run(on_data, {}, root, budget, RecordStore(), needs_adapter=True)
+    record = recorded_run(on_data, {}, root, budget, RecordStore(), needs_adapter=True,
+                          tracking=tracked.child(data_dir.name) if tracked else None)
     return record, str(root / "adapter")
-
-
-class _Cells:
-    """The matrix's finished cells, on disk, so a killed evaluation keeps them."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.values = json.loads(path.read_text()) if path.is_file() else {}
-
-    def get(self, key: str):
-        return self.values.get(key)
-
-    def put(self, key: str, value: dict) -> dict:
-        self.values[key] = value
-        atomic_io.write_json(self.path, self.values)
-        return value
 
 
 def _evaluate(cfg: Config, adapters: dict[str, str | None], prepared: dict[str, Path]) -> dict:
     """Every model (None: the base) on every domain's test split and on the general-knowledge probe."""
     dc = cfg.domains
-    cells = _Cells(Path(dc.runs_dir) / "cells.json")
+    cells = Cells(Path(dc.runs_dir) / "cells.json")  # the matrix's finished cells
     device = resolve_device(cfg.model.device)
     amp_dtype = resolve_autocast_dtype(cfg.model.precision, device)
     questions = general_knowledge_questions(dc.general_questions, cfg.data.seed)
@@ -143,12 +130,14 @@ def run_domains(cfg: Config) -> dict:
     training_sets = _training_sets(cfg, prepared)
     records: dict[str, RunRecord] = {}
     adapters: dict[str, str | None] = {"base": None}
-    for number, (name, data_dir) in enumerate(training_sets.items(), 1):
-        print(f"[{number}/{len(training_sets)}] training the {name} adapter on {data_dir}", flush=True)
-        records[name], adapters[name] = _train(cfg, data_dir)
+    with study_run(cfg, "domains", Path(dc.runs_dir).name) as tracked:  # each adapter a nested run of this one
+        for number, (name, data_dir) in enumerate(training_sets.items(), 1):
+            print(f"[{number}/{len(training_sets)}] training the {name} adapter on {data_dir}", flush=True)
+            records[name], adapters[name] = _train(cfg, data_dir, tracked)
     matrix = _evaluate(cfg, adapters, prepared)
     summary = _summary(cfg, prepared, records, matrix)
-    write_results(dc.results_json, summary, dc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data))
+    write_results(dc.results_json, summary, dc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data),
+                  config=cfg.to_dict())
     return summary
 
 

@@ -51,11 +51,12 @@ class RunRecord:
     run_dir: str
     machine: dict[str, Any] | None = None  # timings compare only on the same CPU; a study may span machines
     test: TestQuality | None = None
+    provenance: dict[str, Any] | None = None  # util.provenance.record of the code that trained it (None: older records)
 
     def to_json(self) -> dict[str, Any]:
         """The record as stored: fields in order, the optional ones only when present."""
         out = dataclasses.asdict(self)
-        return {k: v for k, v in out.items() if v is not None or k not in ("machine", "test")}
+        return {k: v for k, v in out.items() if v is not None or k not in ("machine", "test", "provenance")}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str = "run record") -> RunRecord:

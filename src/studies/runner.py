@@ -22,6 +22,8 @@ from loralab.metrics.evaluate import evaluate_adapter
 from loralab.studies.records import RECORD_FILE, RecordStore, RunRecord, TestQuality, read_record, write_record
 from loralab.studies.space import Budget, trial_config
 from loralab.training.recipe import train
+from loralab.training.tracking import TrackingContext
+from loralab.util import provenance
 from loralab.util.errors import LoralabError
 from loralab.util.library_noise import quiet_library_noise
 from loralab.util.resources import PeakRss, machine_description
@@ -48,18 +50,20 @@ def run_trial(
     reports: int,
     resume: bool,
     on_eval: Callable[[int, int, float], None] | None = None,
+    tracking: TrackingContext | None = None,
 ) -> tuple[RunRecord, Config]:
     """Train one run under `root` on `budget`; return its record (params, eval loss, cost) and its config.
 
     `resume=False` clears `root` first: a trial number or digest reused by a new study must
     never continue a stale checkpoint. KeyboardInterrupt propagates after the checkpoint is saved.
+    `tracking`: the run's place under its study's parent run in train.report_to's trackers.
     """
     trial_cfg = trial_config(cfg, params, root, reports, budget)
     if not resume and root.exists():
         shutil.rmtree(root)
     started = time.perf_counter()
     with PeakRss() as rss:
-        result = train(trial_cfg, resume=resume, quiet=True, on_eval=on_eval)
+        result = train(trial_cfg, resume=resume, quiet=True, on_eval=on_eval, tracking=tracking)
     if result.interrupted:
         raise KeyboardInterrupt
     if result.final_eval_loss is None:
@@ -80,17 +84,19 @@ def run_trial(
         peak_rss_mb=round(rss.peak_mb, 1),
         run_dir=str(root),
         machine=machine_description(),
+        provenance=provenance.record(trial_cfg.to_dict()),
     )
     return record, trial_cfg
 
 
-def _train_and_test(cfg: Config, params: dict[str, Any], root: Path, budget: Budget, test_generation: int) -> RunRecord:
+def _train_and_test(cfg: Config, params: dict[str, Any], root: Path, budget: Budget, test_generation: int,
+                    tracking: TrackingContext | None = None) -> RunRecord:
     """In the run's own process: the training (resumed, or reused when it finished before its test was
     measured), then its test-split quality when test_generation > 0."""
     if (root / RECORD_FILE).is_file() and (root / "adapter" / "training_args.json").is_file():
         record = read_record(root / RECORD_FILE)
     else:
-        record, _ = run_trial(cfg, params, root, budget, reports=1, resume=True)
+        record, _ = run_trial(cfg, params, root, budget, reports=1, resume=True, tracking=tracking)
         write_record(root / RECORD_FILE, record)
     if test_generation and record.test is None:
         trial_cfg = trial_config(cfg, params, root, 1, budget)
@@ -102,13 +108,14 @@ def _train_and_test(cfg: Config, params: dict[str, Any], root: Path, budget: Bud
 
 
 def recorded_run(cfg: Config, params: dict[str, Any], root: Path, budget: Budget, store: RecordStore,
-                 test_generation: int = 0, needs_adapter: bool = False) -> RunRecord:
+                 test_generation: int = 0, needs_adapter: bool = False,
+                 tracking: TrackingContext | None = None) -> RunRecord:
     """A run done once: its stored record when it finished, otherwise the run (resumed from its checkpoint
     when it was interrupted) in a fresh process, stored as soon as it ends. `needs_adapter`: the caller
-    goes on to use the adapter, so a record without it on disk does not count."""
+    goes on to use the adapter, so a record without it on disk does not count. `tracking`: see run_trial."""
     record = store.load(root, needs_test=test_generation > 0, needs_adapter=needs_adapter)
     if record is None:
-        record = in_fresh_process(_train_and_test, cfg, params, root, budget, test_generation)
+        record = in_fresh_process(_train_and_test, cfg, params, root, budget, test_generation, tracking)
         store.save(root, record)
     return record
 

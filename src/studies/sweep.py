@@ -168,5 +168,5 @@ def _write(cfg: Config, center: dict, records: list[dict], complete: bool) -> di
     summary = {"center": center, "trial_examples": sc.train_examples, "generation_per_task": sc.generation_per_task,
                "split": "eval", "complete": complete, "points": records}
     write_results(sc.results_json, summary, sc.summary_md, lambda data: _markdown(data, sc.plot, sc.summary_md),
-                  lambda data: _plot(data["points"], Path(sc.plot)))
+                  lambda data: _plot(data["points"], Path(sc.plot)), config=cfg.to_dict())
     return summary

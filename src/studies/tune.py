@@ -37,6 +37,7 @@ from loralab.data.prepare import prepare_dataset
 from loralab.studies.optuna_storage import RESUME_OF, continued_trial, import_optuna, masked_url, open_storage
 from loralab.studies.runner import run_trial
 from loralab.studies.space import Budget, Param, grid_points, parse_space
+from loralab.training.tracking import StudyRun, study_run
 from loralab.util.errors import LoralabError
 
 SETUP_ATTR = "loralab_setup"  # study user attr: the settings every worker of this study must share
@@ -127,9 +128,10 @@ def _finished_count(study) -> int:
 class Objective:
     """One Optuna trial: suggest params, train with pruning on intermediate eval loss, record cost."""
 
-    def __init__(self, cfg: Config, params: list[Param]):
+    def __init__(self, cfg: Config, params: list[Param], tracked: StudyRun | None = None):
         self.cfg = cfg
         self.params = params
+        self.tracked = tracked  # the study's parent run in train.report_to's trackers
         self.started = time.monotonic()
 
     def _suggest(self, trial) -> dict[str, Any]:
@@ -173,7 +175,8 @@ class Objective:
         print(f"trial {trial.number}: {values}" + (f" (continues trial {origin})" if origin is not None else ""), flush=True)
         try:
             record, _ = run_trial(self.cfg, values, run_root, budget(self.cfg), tc.reports_per_trial,
-                                  resume=origin is not None, on_eval=on_eval)
+                                  resume=origin is not None, on_eval=on_eval,
+                                  tracking=self.tracked.child(run_root.name) if self.tracked else None)
         except optuna.TrialPruned:
             shutil.rmtree(run_root, ignore_errors=True)  # its checkpoints will never be resumed
             raise
@@ -265,14 +268,17 @@ def tune(cfg: Config) -> dict:
     if not card["splits"]["eval"]:
         raise LoralabError("tuning scores trials on the eval split, which is empty: raise data.eval_fraction")
     study = open_study(cfg, params)
-    objective = Objective(cfg, params)
     deadline = time.monotonic() + 60 * cfg.tune.timeout_minutes if cfg.tune.timeout_minutes > 0 else None
-    try:
-        if cfg.tune.sampler == "grid":
-            _work_grid(study, objective, cfg, deadline)
-        else:
-            _work_sampled(study, objective, cfg, deadline)
-    finally:
-        summary = write_results(study, cfg)  # also after Ctrl-C: what finished is on disk
+    with study_run(cfg, "tune", cfg.tune.study_name) as tracked:  # every trial a nested run of this one
+        objective = Objective(cfg, params, tracked)
+        try:
+            if cfg.tune.sampler == "grid":
+                _work_grid(study, objective, cfg, deadline)
+            else:
+                _work_sampled(study, objective, cfg, deadline)
+        finally:
+            summary = write_results(study, cfg)  # also after Ctrl-C: what finished is on disk
+            tracked.log_artifact(cfg.tune.summary_md)
+            tracked.log_artifact(cfg.tune.results_json)
     return summary
 

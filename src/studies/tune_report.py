@@ -205,7 +205,8 @@ def write_results(study, cfg: Config) -> dict:
     }
     extra = {Path(tc.best_config_yaml): _best_config_yaml(cfg, best).encode()} if best else {}
     write_results_files(tc.results_json, summary, tc.summary_md, lambda data: _markdown(data, cfg),
-                        lambda data: data["plots"].extend(_plots(study, cfg) if complete else []), extra)
+                        lambda data: data["plots"].extend(_plots(study, cfg) if complete else []), extra,
+                        config=cfg.to_dict())
     return summary
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loralab.util import atomic_io
+from loralab.util import atomic_io, provenance
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -16,10 +16,12 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def write_results(json_path: str | Path, summary: dict, md_path: str | Path, markdown: Callable[[dict], str],
-                  plots: Callable[[dict], None] | None = None, extra_files: dict[Path, bytes] | None = None) -> None:
+                  plots: Callable[[dict], None] | None = None, extra_files: dict[Path, bytes] | None = None, *,
+                  config: dict[str, Any]) -> None:
     """The JSON first, so a plotting error never loses measurements; then the plots (which may add to
     the summary, e.g. the list of plots drawn); then the final JSON, the Markdown and any extra files
-    together, as one atomic set."""
+    together, as one atomic set. The JSON carries the provenance block of the study's `config`."""
+    summary["provenance"] = provenance.record(config)
     atomic_io.write_json(json_path, summary)
     if plots is not None:
         plots(summary)

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,7 +59,8 @@ from loralab.training.eval_loss import answer_loss_sums, mean_answer_loss
 from loralab.training.log import TrainLog, peak_rss_mb, plot_losses
 from loralab.training.numerics import hold_frozen_weights_in, resolve_frozen_dtype
 from loralab.training.stop import StopRequest
-from loralab.util import atomic_io
+from loralab.training.tracking import Tracker, TrackingContext, open_run, require_trackers
+from loralab.util import atomic_io, provenance
 from loralab.util.errors import LoralabError
 
 # Re-exported while callers move to the modules above (training/batching, log, checkpoint, numerics, eval_loss, stop).
@@ -112,6 +113,7 @@ class TrainState:
     fingerprint: dict  # what a checkpoint of this run is valid for
     log: TrainLog | None  # the main rank's log; None on the others
     quiet: bool
+    tracker: Tracker = field(default_factory=Tracker)  # train.report_to's run (main rank); a no-op otherwise
 
     @property
     def device(self) -> torch.device:
@@ -132,26 +134,30 @@ def train(
     stop_at_step: int | None = None,
     quiet: bool = False,
     on_eval: Callable[[int, int, float], None] | None = None,
+    tracking: TrackingContext | None = None,
 ) -> TrainResult:
     """Fine-tune and save the adapter. `stop_at_step` simulates an interruption (used by tests).
 
     `on_eval(step, total_steps, eval_loss)` is called after every intermediate evaluation; the
     hyperparameter search uses it to prune a bad trial by raising (the exception propagates).
+    `tracking`: a study's place for this run in train.report_to's trackers (training/tracking.py).
     """
-    state = setup(cfg, resume=resume, quiet=quiet)
-    outcome = loop(state, stop_at_step=stop_at_step, on_eval=on_eval)
-    return finish(state, outcome)
+    state = setup(cfg, resume=resume, quiet=quiet, tracking=tracking)
+    with state.tracker.closed_on_error():  # a run that raises is not left RUNNING in the tracker
+        outcome = loop(state, stop_at_step=stop_at_step, on_eval=state.tracker.watch(on_eval))
+        return finish(state, outcome)
 
 
 # --------------------------------------------------------------------------------------------
 # setup
 # --------------------------------------------------------------------------------------------
 
-def setup(cfg: Config, resume: bool = False, quiet: bool = False) -> TrainState:
+def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: TrackingContext | None = None) -> TrainState:
     """Validate, load the model and data, plan the batches, build the optimizer and, with `resume`,
     restore the latest checkpoint. The order of the seeded steps is what makes resume exact."""
     t = cfg.train
     _check_train_settings(t)
+    require_trackers(t.report_to)  # a missing tracker package fails before the model loads
     peft_methods.validate(cfg.lora, cfg.model.quantize_base)
     method = get_method(cfg.lora.method)
     train_rows = load_split(cfg.data.out_dir, "train")
@@ -194,6 +200,7 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False) -> TrainState:
         start_step=start_step, fingerprint=resume_fingerprint(cfg, dp.world_size),
         log=TrainLog(Path(t.log_file), run_dir / "log.jsonl", start_step) if dp.is_main else None,
         quiet=quiet or not dp.is_main,
+        tracker=open_run(cfg, run_dir, start_step, tracking) if dp.is_main else Tracker(),
     )
     if not state.quiet:
         print(_describe(state), flush=True)
@@ -323,6 +330,7 @@ def loop(
                 entry["eval_loss"] = round(last_eval, 5)
             if state.log:
                 state.log.write(entry)
+            state.tracker.log_step(entry)  # the same numbers, to train.report_to's trackers
             if on_eval is not None and entry["eval_loss"] is not None:
                 on_eval(step, state.total_steps, last_eval)
             bar.set_postfix(loss=f"{last_loss:.3f}", eval=f"{last_eval:.3f}" if last_eval else "-",
@@ -393,6 +401,7 @@ def finish(state: TrainState, outcome: LoopOutcome) -> TrainResult:
         if dp.is_main:
             print(f"interrupted after step {outcome.completed}/{state.total_steps}; continue with --resume",
                   file=sys.stderr)
+        state.tracker.close("KILLED")  # --resume continues the same tracked run (training/tracking.py)
         dp.barrier()
         return TrainResult(None, outcome.completed, state.total_steps, outcome.last_loss, outcome.last_eval,
                            interrupted=True)
@@ -410,6 +419,9 @@ def finish(state: TrainState, outcome: LoopOutcome) -> TrainResult:
                      initial_adapter=state.initial_adapter)
     if t.loss_plot:
         plot_losses(entries, Path(t.loss_plot))
+    state.tracker.log_artifact(t.output_dir, "adapter")
+    state.tracker.log_artifact(t.loss_plot, "plots")
+    state.tracker.close()
     shutil.rmtree(state.run_dir / "checkpoints", ignore_errors=True)  # the adapter is safe; drop the scaffolding
     shutil.rmtree(state.run_dir / "initial_adapter", ignore_errors=True)
     dp.barrier()
@@ -442,6 +454,7 @@ def training_args(state: TrainState, outcome: LoopOutcome, entries: list[dict]) 
         "autocast": str(state.amp_dtype) if state.amp_dtype else "fp32",
         "frozen_weights_dtype": str(state.frozen_dtype),
         "versions": _versions(),
+        "provenance": provenance.record(None),  # None: the resolved config is "config" above
     }
 
 

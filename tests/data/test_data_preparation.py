@@ -29,6 +29,16 @@ def test_jsonl(tmp_path):
         assert (tmp_path / "out" / name).is_file()
 
 
+def test_a_paraphrase_field_is_kept_for_the_recall_test_and_never_trained_on(tmp_path):
+    rows = [{"question": f"Question {i}?", "answer": f"Answer {i}", "reworded": f"Asked  another way {i}?"}
+            for i in range(12)]
+    _, processed = _prepare(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows), paraphrase_field="reworded")
+    assert all(row["paraphrase"] == f"Asked another way {row['question'][9:-1]}?" for row in processed)  # cleaned
+    assert all("another way" not in m["content"] for row in processed for m in row["messages"])
+    _, processed = _prepare(tmp_path, write_jsonl(tmp_path / "plain.jsonl", rows))  # no such field: no recall test
+    assert not any("paraphrase" in row for row in processed)
+
+
 def test_json_array_and_field_mapping(tmp_path):
     rows = [{"q": f"Question {i}?", "a": f"Answer {i}"} for i in range(10)]
     path = tmp_path / "d.json"
@@ -113,6 +123,8 @@ def test_sharegpt_multi_turn(tmp_path):
         ("typedsg.jsonl", '{"conversations": [{"from": "human", "value": true}, {"from": "gpt", "value": "x"}]}\n',
          r"typedsg\.jsonl:1: content of turn 0 \(human\) is a boolean, expected text"),
         ("typedalpaca.json", '[{"instruction": "do", "input": ["a"], "output": "x"}]', r"typedalpaca\.json:1: input is a list"),
+        ("typedpara.jsonl", '{"question": "q", "answer": "x", "paraphrase": ["q2"]}\n',
+         r"typedpara\.jsonl:1: paraphrase \(field 'paraphrase'\) is a list, expected text"),
         ("two.jsonl", '{"question": "a", "answer": "b"}\n{"question": "c", "answer": "d"}\n',
          r"two\.jsonl: the (eval|test) split would be empty: 2 usable rows with 2 distinct questions; a split needs at least 3"),
     ],

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -28,6 +29,15 @@ def test_size_tasks_and_provenance(prepared):
         assert row["source"] and row["license"] and row["group"] and row["answer"] and row["question"]
     for split in ("eval", "test"):
         assert set(Counter(r["task"] for r in splits[split])) == set(TASKS)
+
+
+def test_every_question_has_a_second_phrasing_that_training_never_sees(prepared):
+    _, splits = prepared
+    trained = {m["content"] for row in splits["train"] for m in row["messages"]}
+    for row in (r for rows in splits.values() for r in rows):
+        assert row["paraphrase"] and row["paraphrase"] != row["question"] and row["paraphrase"] not in trained
+        concept = re.search(r"'(.+)'|code ([A-Z][0-9A-Z.]+)", row["question"])  # the quoted name or the code
+        assert concept and next(g for g in concept.groups() if g) in row["paraphrase"]  # both ask about it
 
 
 def test_no_concept_or_question_in_two_splits(prepared):

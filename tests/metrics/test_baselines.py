@@ -2,6 +2,7 @@
 and `loralab evaluate --rescore`, which adds them to stored answers without a model."""
 
 import json
+from contextlib import nullcontext
 
 import pytest
 
@@ -125,3 +126,36 @@ def test_few_shot_chooses_k_on_the_eval_split_then_answers_the_test_questions(tm
     assert result["k"] == 3 and result["eval_domain_accuracy_by_k"] == {"1": 0.0, "3": 100.0, "5": 0.0}
     assert all(question.startswith("eval") for desc, questions in seen[:3] for question in questions)
     assert seen[-1][1] == ["test 0", "test 1", "test 2"] and result["answers"] == ["yes 0", "yes 1", "yes 2"]
+
+
+def test_recall_asks_training_facts_as_trained_and_in_new_words_and_reports_both(tmp_path, monkeypatch):
+    """A stand-in fine-tuned model that remembers the training sentence but not the fact: right as trained,
+    wrong in new words; the report says so."""
+    train = [{**conversation("t", f"train {i}", f"fact {i}"), "paraphrase": f"reworded {i}"} for i in range(4)]
+    train.append(conversation("t", "no second phrasing", "fact x"))
+    (tmp_path / "train_split.json").write_text(json.dumps(train))
+    assert [r["question"] for r in evaluate.recall_rows(train, 3)] == ["train 0", "train 1", "train 2"]
+    (asked,) = evaluate.as_paraphrased(train[:1])
+    assert asked["messages"] == [{"role": "user", "content": "reworded 0"}, {"role": "assistant", "content": "fact 0"}]
+
+    def fake_generate(model, tokenizer, rows, *args, desc):
+        return [r["answer"] if model == "fine_tuned" and r["question"].startswith("train") else "?" for r in rows]
+
+    monkeypatch.setattr(evaluate, "generate_answers", fake_generate)
+    cfg = Config()
+    cfg.data.out_dir, cfg.eval.results_dir, cfg.eval.recall_per_task = str(tmp_path), str(tmp_path / "out"), 4
+    recall = evaluate.recall_samples(cfg, lambda name: (name, nullcontext()), None, "cpu", None)
+    assert [s["fine_tuned_as_trained"] for s in recall] == ["fact 0", "fact 1", "fact 2", "fact 3"]
+    assert [s["fine_tuned"] for s in recall] == ["?"] * 4 and recall[0]["paraphrase"] == "reworded 0"
+    model = {"perplexity": 2.0, "examples_scored": 1, "per_task_ppl": {"t": 2.0},
+             **evaluate.score_answers([{"task": "t", "answer": "fact 9"}], ["fact 9"])}
+    results = {"split": "test", "generation_examples": 1, "adapter_dir": "lora", "base_model": "m",
+               "models": {"base": model, "fine_tuned": model}, "showcase": [],
+               "summary": {"perplexity_ratio_base_over_tuned": 1.0, "domain_accuracy_gain_points": 0.0},
+               "samples": samples(["fact 9"], ["?"], ["fact 9"], "t"), "recall": {"questions": 4, "samples": recall}}
+    evaluate._write_with_baselines(results, cfg)
+    written = json.loads((tmp_path / "out" / "eval_results.json").read_text())["recall"]
+    assert written["as_trained"]["per_task"]["t"]["fine_tuned"] == 100.0  # exact match above chance: 1 - 0
+    assert written["paraphrased"]["per_task"]["t"]["fine_tuned"] == 0.0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Recall of training facts" in report and "| t | exact_match | 0.0 | 100.0 | 0.0 | 0.0 |" in report
