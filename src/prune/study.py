@@ -121,6 +121,13 @@ def _measure_speeds(cfg: Config, records: dict[str, dict], savers: dict) -> None
         savers[point](record)
 
 
+def _save(record: dict, path: Path, cfg: Config) -> None:
+    """A point's record, saying which code measured it (the points of one study may come from several
+    sessions); in place, so the summary holds what the file holds."""
+    record["provenance"] = provenance.record(cfg.to_dict())
+    atomic_io.write_json(path, record)
+
+
 def prune_study(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
     p = cfg.prune
     adapter_dir = str(adapter_dir or cfg.train.output_dir)
@@ -130,8 +137,7 @@ def prune_study(cfg: Config, adapter_dir: str | Path | None = None) -> dict:
     for number, point in enumerate(points, 1):
         path = Path(p.records_dir) / f"{slug(point)}.json"
         record = json.loads(path.read_text()) if path.is_file() else {"point": point, "machine": machine_description()}
-        # Each point's record says which code measured it: points of one study may come from several sessions.
-        savers[point] = lambda r, path=path: atomic_io.write_json(path, {**r, "provenance": provenance.record(cfg.to_dict())})
+        savers[point] = lambda r, path=path: _save(r, path, cfg)
         print(f"prune study: point {number}/{len(points)}: {point}", flush=True)
         records[point] = _run_point(cfg, adapter_dir, point, record, savers[point])
     # Speeds last, all models in interleaved rounds: only ratios measured together compare on a shared machine.
