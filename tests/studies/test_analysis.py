@@ -9,7 +9,8 @@ from loralab.studies.analysis import domain_findings, method_findings, separated
 
 def _method(ppl, sd, acc=10.0, params=1000, rss=3000.0, wall=60.0, lr=1e-3, grid=(1e-4, 1e-3, 1e-2)):
     """A method's summary whose eval-split loss (what chooses) orders the methods as its test perplexity does."""
-    return {"eval_loss": ppl / 5, "eval_loss_sd": sd / 5, "test_perplexity": ppl, "test_perplexity_sd": sd, "domain_accuracy": acc, "domain_accuracy_sd": 2.0,
+    return {"eval_loss": ppl / 5, "eval_loss_sd": sd / 5, "test_perplexity": ppl, "test_perplexity_sd": sd,
+            "domain_accuracy": acc, "domain_accuracy_sd": 2.0,
             "trainable_parameters": params, "adapter_mb": params * 4 / 1e6, "peak_rss_mb": rss, "peak_rss_mb_sd": 0.0,
             "wall_seconds": wall, "tokens_per_s": 300.0, "learning_rate": lr,
             "lr_search": [{"learning_rate": g, "eval_loss": 2.5} for g in grid]}
@@ -82,7 +83,8 @@ def test_when_full_fine_tuning_wins_the_findings_price_the_best_adapter():
     assert "Every other method is worse beyond seed noise" in text
     assert "best-quality group" not in text  # a group of one has nothing to choose between
     assert ("**Best adapter:** rslora (eval loss 2.200 ± 0.020; test perplexity 11.00 ± 0.10), 1.10x full "
-            "fine-tuning's perplexity with 100x fewer trainable parameters, 0.0 MB against 0 MB on disk, 0.75x the peak memory and 0.67x the training time. "
+            "fine-tuning's perplexity with 100x fewer trainable parameters, 0.0 MB against 0 MB on disk, 0.75x the peak "
+            "memory and 0.67x the training time. "
             "Every other adapter is worse beyond seed noise.") in text
     methods["dora"] = _method(11.1, 0.1)
     text = "\n".join(method_findings({"train_examples": 240, "seeds": [1, 2, 3], "methods": methods}))
