@@ -21,7 +21,9 @@ from loralab.util.provenance import repo_root
 # Code every trained result depends on: data, model loading, adapters, the training loop, the config.
 TRAINING = ("src/config.py", "src/model_utils.py", "src/data", "src/adapters", "src/training", "src/presets")
 EVALUATION = ("src/metrics",)
-STUDIES = ("src/studies",)
+# The study machinery every study shares; each study also depends on its own module (below).
+STUDY_CORE = ("src/studies/runner.py", "src/studies/space.py", "src/studies/records.py", "src/studies/writer.py",
+              "src/studies/cells.py")
 RESULT_ROOTS = ("experiments", "benchmarks/results", "lora")
 
 
@@ -43,13 +45,18 @@ KINDS = (
     ResultKind("experiments/best/lora/training_args.json",
                "loralab run --config experiments/best_config.yaml --config configs/retrain_best.yaml",
                (*TRAINING, "configs/retrain_best.yaml")),
-    ResultKind("experiments/metrics_comparison.json", "loralab tune", (*TRAINING, *STUDIES)),
+    ResultKind("experiments/metrics_comparison.json", "loralab tune",
+               (*TRAINING, *STUDY_CORE, "src/studies/tune.py", "src/studies/tune_report.py", "src/studies/optuna_storage.py")),
     ResultKind("experiments/sensitivity.json", "loralab sweep --config experiments/best_config.yaml",
-               (*TRAINING, *EVALUATION, *STUDIES)),
-    ResultKind("experiments/method_comparison.json", "loralab compare", (*TRAINING, *EVALUATION, *STUDIES)),
-    ResultKind("experiments/compare_runs/*.json", "loralab compare", (*TRAINING, *EVALUATION, *STUDIES)),
-    ResultKind("experiments/domain_transfer.json", "loralab domains", (*TRAINING, *EVALUATION, *STUDIES)),
-    ResultKind("experiments/knowledge_injection.json", "loralab inject", (*TRAINING, *EVALUATION, *STUDIES)),
+               (*TRAINING, *EVALUATION, *STUDY_CORE, "src/studies/sweep.py")),
+    ResultKind("experiments/method_comparison.json", "loralab compare",
+               (*TRAINING, *EVALUATION, *STUDY_CORE, "src/studies/compare.py")),
+    ResultKind("experiments/compare_runs/*.json", "loralab compare",
+               (*TRAINING, *EVALUATION, *STUDY_CORE, "src/studies/compare.py")),
+    ResultKind("experiments/domain_transfer.json", "loralab domains",
+               (*TRAINING, *EVALUATION, *STUDY_CORE, "src/studies/domains.py")),
+    ResultKind("experiments/knowledge_injection.json", "loralab inject",
+               (*TRAINING, *EVALUATION, *STUDY_CORE, "src/studies/inject.py")),
     ResultKind("experiments/pruning_study.json", "loralab prune --study", (*TRAINING, *EVALUATION, "src/prune")),
     ResultKind("experiments/prune_runs/*.json", "loralab prune --study", (*TRAINING, *EVALUATION, "src/prune")),
     ResultKind("experiments/export_report.json", "loralab export",

@@ -138,31 +138,34 @@ def separated(a: dict, b: dict, key: str, seeds: int) -> bool:
 
 @dataclass
 class _Ranking:
-    """The comparison ranked by test perplexity, and the group of methods tied with the best."""
+    """The comparison ranked by mean eval-split loss over the reported seeds (the choice is made on the eval
+    split; the test split only reports it), and the group of methods tied with the best."""
 
     methods: dict
     seeds: int
     missing: list[str]  # planned entries not measured yet
-    by_ppl: list[str]
+    ranked: list[str]
     tied: list[str]  # not separable from the best at 95 %
 
     @classmethod
     def of(cls, data: dict) -> _Ranking:
         methods, seeds = data["methods"], len(data["seeds"])
-        by_ppl = sorted(methods, key=lambda m: methods[m]["test_perplexity"])
-        tied = [m for m in by_ppl[1:] if not separated(methods[by_ppl[0]], methods[m], "test_perplexity", seeds)]
-        return cls(methods, seeds, [m for m in data.get("methods_planned", []) if m not in methods], by_ppl, tied)
+        ranked = sorted(methods, key=lambda m: methods[m]["eval_loss"])
+        tied = [m for m in ranked[1:] if not separated(methods[ranked[0]], methods[m], "eval_loss", seeds)]
+        return cls(methods, seeds, [m for m in data.get("methods_planned", []) if m not in methods], ranked, tied)
 
     @property
     def best(self) -> str:
-        return self.by_ppl[0]
+        return self.ranked[0]
 
     @property
     def group(self) -> list[str]:
         return [self.best, *self.tied]
 
     def fmt(self, m: str) -> str:
-        return f"{m} ({self.methods[m]['test_perplexity']:.2f} ± {self.methods[m]['test_perplexity_sd']:.2f})"
+        m_ = self.methods[m]
+        return (f"{m} (eval loss {m_['eval_loss']:.3f} ± {m_['eval_loss_sd']:.3f}; test perplexity "
+                f"{m_['test_perplexity']:.2f} ± {m_['test_perplexity_sd']:.2f})")
 
 
 def method_findings(data: dict, sensitivity: dict | None = None) -> list[str]:
@@ -183,11 +186,12 @@ def _partial(data: dict, r: _Ranking) -> list[str]:
 
 
 def _quality(r: _Ranking) -> list[str]:
-    out = [f"- **Quality (test answer perplexity):** best is {r.fmt(r.best)}"
+    out = [f"- **Quality, chosen on the eval split** (mean eval-split answer loss over the seeds; the test perplexity "
+           f"only reports the choice): best is {r.fmt(r.best)}"
            + (" among those measured" if r.missing else "") + ". "
            + (f"Not separable from it at 95 % over {r.seeds} seeds: {', '.join(r.fmt(m) for m in r.tied)}." if r.tied
               else f"Every other method is worse beyond seed noise (95 %, {r.seeds} seeds).")]
-    worse = [m for m in r.by_ppl if m not in r.group]
+    worse = [m for m in r.ranked if m not in r.group]
     if worse:
         out.append(f"- Worse than the best beyond seed noise: {', '.join(r.fmt(m) for m in worse)}.")
     return out
@@ -222,11 +226,11 @@ def _trains_whole_model(entry: str) -> bool:
 
 def _best_adapter(r: _Ranking) -> list[str]:
     """When full fine-tuning wins, the question users ask: what does an adapter cost?"""
-    adapters = [m for m in r.by_ppl if not _trains_whole_model(m)]
+    adapters = [m for m in r.ranked if not _trains_whole_model(m)]
     if not _trains_whole_model(r.best) or not adapters:
         return []
     a, f = r.methods[adapters[0]], r.methods[r.best]
-    adapter_tied = [m for m in adapters[1:] if not separated(a, r.methods[m], "test_perplexity", r.seeds)]
+    adapter_tied = [m for m in adapters[1:] if not separated(a, r.methods[m], "eval_loss", r.seeds)]
     return [f"- **Best adapter:** {r.fmt(adapters[0])}, {_ratio(a, f, 'test_perplexity')} full fine-tuning's perplexity "
             f"with {f['trainable_parameters'] / a['trainable_parameters']:.0f}x fewer trainable parameters, "
             f"{a['adapter_mb']:.1f} MB against {f['adapter_mb']:.0f} MB on disk, {_ratio(a, f, 'peak_rss_mb')} the peak "
@@ -257,16 +261,17 @@ def _quantized_bases(r: _Ranking) -> list[str]:
         plain = entry.partition("@")[0]
         if "@" in entry and plain in r.methods:
             p = r.methods[plain]
-            noise = "within seed noise" if not separated(m, p, "test_perplexity", r.seeds) else "beyond seed noise"
+            noise = "within seed noise" if not separated(m, p, "eval_loss", r.seeds) else "beyond seed noise"
             out.append(f"- **{entry} against {plain}:** peak memory {m['peak_rss_mb']:.0f} vs {p['peak_rss_mb']:.0f} MB "
                        f"({m['peak_rss_mb'] / p['peak_rss_mb']:.2f}x), "
                        f"training time {m['wall_seconds'] / p['wall_seconds']:.2f}x, "
-                       f"test perplexity {m['test_perplexity']:.2f} vs {p['test_perplexity']:.2f} ({noise}).")
+                       f"eval loss {m['eval_loss']:.3f} vs {p['eval_loss']:.3f} ({noise}; test perplexity "
+                       f"{m['test_perplexity']:.2f} vs {p['test_perplexity']:.2f}).")
     return out
 
 
 def _full_against_best(r: _Ranking) -> list[str]:
-    whole = [m for m in r.by_ppl if _trains_whole_model(m)]
+    whole = [m for m in r.ranked if _trains_whole_model(m)]
     if not whole or _trains_whole_model(r.best):
         return []
     f, b = r.methods[whole[0]], r.methods[r.best]
@@ -302,7 +307,7 @@ def _ratio(a: dict, b: dict, key: str) -> str:
 def method_table(data: dict) -> list[str]:
     lines = ["| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, m in sorted(data["methods"].items(), key=lambda kv: kv[1]["test_perplexity"]):
+    for name, m in sorted(data["methods"].items(), key=lambda kv: kv[1]["eval_loss"]):
         lines.append(f"| {name} | {m['learning_rate']:g} | {m['test_perplexity']:.2f} ± {m['test_perplexity_sd']:.2f} | "
                      f"{m['domain_accuracy']:.1f} ± {m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | "
                      f"{m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | {m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")

@@ -1,13 +1,15 @@
 """`loralab compare`: every fine-tuning method on the same data and example budget, each with its own
 learning rate, several seeds, measured once on the test split.
 
-1. Learning rate, per method: one run per candidate in `compare.learning_rates` (first seed), scored
-   by eval-split loss. When the best candidate is the grid's largest or smallest, the grid is extended
-   past it by the grid's own ratio (up to `compare.lr_extensions` times), so that no method is judged
-   at a learning rate that was simply too timid. The test split plays no part in this choice.
+1. Learning rate, per method: one run per candidate in `compare.learning_rates` (seed `lr_seed(cfg)`,
+   one below the smallest reported seed, so never a reported one), scored by eval-split loss. When the best
+   candidate is the grid's largest or smallest, the grid is extended past it by the grid's own ratio
+   (up to `compare.lr_extensions` times), so that no method is judged at a learning rate that was
+   simply too timid. The test split plays no part in this choice.
 2. Seeds: the chosen learning rate with every seed in `compare.seeds`; each adapter is measured on
    the test split (answer perplexity, domain score per task), with its trainable parameters, size
-   on disk, training tokens/s, peak RSS and wall time.
+   on disk, training tokens/s, peak RSS and wall time. Its eval-split loss is kept too: the findings
+   (studies/analysis.py) choose the best method by it, and the test split only reports the choice.
 Every run goes through the study runner (studies/runner.py): in a fresh process (its peak memory is its
 own), recorded as soon as it ends, in a directory named by its run identity. A killed compare skips
 finished runs when started again, also from a fresh clone: each run's record is also kept in
@@ -36,6 +38,12 @@ from loralab.util.errors import LoralabError
 from loralab.util.resources import machine_summary
 
 
+def lr_seed(cfg: Config) -> int:
+    """The seed of the learning-rate search: one below the smallest reported seed (41 for 42, 43, 44), so that no
+    reported run is the run that chose its learning rate (a seed that happened to suit one rate would flatter it)."""
+    return min(cfg.compare.seeds) - 1
+
+
 def budget(cfg: Config) -> Budget:
     return Budget(cfg.compare.train_examples, cfg.compare.eval_examples)
 
@@ -46,7 +54,7 @@ def check(cfg: Config) -> None:
     cc = cfg.compare
     for entry in cc.methods:
         method, quantized = split_entry(entry)
-        trial = trial_config(cfg, _params(cfg, entry, 1e-3, cc.seeds[0]), Path("."), 1, budget(cfg))  # what will run
+        trial = trial_config(cfg, _params(cfg, entry, 1e-3, lr_seed(cfg)), Path("."), 1, budget(cfg))  # what will run
         try:
             validate(trial.lora, quantized)
             quantization_config(quantized)  # an unknown kind, or bitsandbytes missing: before any training
@@ -107,8 +115,11 @@ def _compare(cfg: Config, tracked: StudyRun) -> dict:
         raise LoralabError("compare needs non-empty eval and test splits: raise data.eval_fraction / data.test_fraction")
     store = RecordStore(cc.records_dir)
     rates = {e: cc.learning_rates.get(e, cc.learning_rates.get(split_entry(e)[0])) for e in cc.methods}
-    progress = _Progress(sum(len(rates[e]) + len(cc.seeds) - 1 for e in cc.methods))
-    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "split": "test", "machines": [],
+    progress = _Progress(sum(len(rates[e]) + len(cc.seeds) for e in cc.methods))
+    summary: dict = {"train_examples": cc.train_examples, "seeds": cc.seeds, "lr_seed": lr_seed(cfg), "split": "test",
+                     "choices": "learning rate per method: eval-split loss of seed lr_seed; best method: mean "
+                                "eval-split loss of the reported seeds; the test split reports them",
+                     "machines": [],
                      "methods_planned": list(cc.methods),
                      "generation_per_task": cc.generation_per_task, "methods": {}}
     for entry in cc.methods:  # a method, or method@quantized-base
@@ -119,7 +130,7 @@ def _compare(cfg: Config, tracked: StudyRun) -> dict:
         best_lr = min(finite, key=lambda s: s["eval_loss"])["learning_rate"]
         seeds = []
         for seed in cc.seeds:
-            progress.say(f"{entry}: lr {best_lr:g}, seed {seed} (test split)", count=seed != cc.seeds[0])
+            progress.say(f"{entry}: lr {best_lr:g}, seed {seed} (test split)")
             record, _ = _run(cfg, entry, best_lr, seed, store, cc.generation_per_task, tracked)
             _note_machine(summary, record)
             seeds.append({"seed": seed, **record.to_json()})
@@ -139,14 +150,14 @@ def _run(cfg: Config, entry: str, lr: float, seed: int, store: RecordStore,
 
 def _lr_search(cfg: Config, entry: str, grid: list[float], store: RecordStore, progress: _Progress,
                summary: dict, tracked: StudyRun | None = None) -> list[dict]:
-    """Eval loss of each learning rate of the grid (first seed), extended past its edge while the edge wins."""
+    """Eval loss of each learning rate of the grid (seed lr_seed(cfg)), extended past its edge while the edge wins."""
     cc = cfg.compare
     search: list[dict] = []
     pending = list(grid)
     while pending:
         lr = pending.pop(0)
-        progress.say(f"{entry}: lr {lr:g}, seed {cc.seeds[0]} (learning-rate search)")
-        record, root = _run(cfg, entry, lr, cc.seeds[0], store, 0, tracked)
+        progress.say(f"{entry}: lr {lr:g}, seed {lr_seed(cfg)} (learning-rate search)")
+        record, root = _run(cfg, entry, lr, lr_seed(cfg), store, 0, tracked)
         _note_machine(summary, record)
         search.append({"learning_rate": lr, "eval_loss": record.eval_loss, "run_dir": str(root)})
         if not pending:
@@ -218,7 +229,9 @@ def _markdown(cfg: Config, summary: dict) -> str:
         "",
         f"Generated by `loralab compare`. Every method trains on the same {cc.train_examples} examples of the bundled "
         f"training split with its own learning rate (chosen by eval-split loss among the listed candidates, seed "
-        f"{cc.seeds[0]}), then runs with seeds {', '.join(map(str, cc.seeds))}. Quality is on the test split: answer "
+        f"{lr_seed(cfg)}, which is not a reported seed), then runs with seeds {', '.join(map(str, cc.seeds))}. The best "
+        "method is chosen by their mean eval-split loss (the column below); the test split only reports. Quality is "
+        "on the test split: answer "
         f"perplexity over all test examples, domain score over {cc.generation_per_task} test questions per task. "
         "Values are mean ± standard deviation over seeds. Peak RSS is the training process's; tokens/s and wall time "
         f"are on {' and '.join(summary.get('machines')) or 'this machine'}.",
@@ -226,18 +239,20 @@ def _markdown(cfg: Config, summary: dict) -> str:
         *([f"**Partial:** {len(methods)} of {len(summary['methods_planned'])} entries measured so far; not yet: "
            f"{', '.join(m for m in summary['methods_planned'] if m not in methods)}. `loralab compare` continues.", ""]
           if set(summary.get("methods_planned", methods)) - set(methods) else []),
-        "| method | lr | test ppl | domain acc. % | trainable params | adapter MB | peak RSS MB | tokens/s | wall s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | lr | eval loss (chooses) | test ppl | domain score | trainable params | adapter MB | peak RSS MB "
+        "| tokens/s | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, m in sorted(methods.items(), key=lambda kv: kv[1]["test_perplexity"]):
-        lines.append(f"| {name} | {m['learning_rate']:g} | {m['test_perplexity']:.3f} ± {m['test_perplexity_sd']:.3f} | "
+    for name, m in sorted(methods.items(), key=lambda kv: kv[1]["eval_loss"]):
+        lines.append(f"| {name} | {m['learning_rate']:g} | {m['eval_loss']:.4f} ± {m['eval_loss_sd']:.4f} "
+                     f"| {m['test_perplexity']:.3f} ± {m['test_perplexity_sd']:.3f} | "
                      f"{m['domain_accuracy']:.1f} ± {m['domain_accuracy_sd']:.1f} | {m['trainable_parameters']:,} | "
                      f"{m['adapter_mb']:.2f} | {m['peak_rss_mb']:.0f} | {m['tokens_per_s']:.0f} | {m['wall_seconds']:.0f} |")
     lines += ["", "Domain score per task type (primary metric above chance, points, mean over seeds):", "",
               "| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * m['per_task'].get(t, math.nan):.1f}" for t in tasks) + " |")
-    lines += ["", "Learning-rate search (eval-split loss, first seed; candidates past the configured grid were added "
+    lines += ["", f"Learning-rate search (eval-split loss, seed {lr_seed(cfg)}; candidates past the configured grid were added "
               "because the best sat on its edge):", ""]
     for name, m in methods.items():
         lines.append(f"- {name}: " + ", ".join(f"{s['learning_rate']:g} → {s['eval_loss']:.4f}" for s in m["lr_search"]))

@@ -8,7 +8,9 @@ from loralab.studies.analysis import domain_findings, method_findings, separated
 
 
 def _method(ppl, sd, acc=10.0, params=1000, rss=3000.0, wall=60.0, lr=1e-3, grid=(1e-4, 1e-3, 1e-2)):
-    return {"test_perplexity": ppl, "test_perplexity_sd": sd, "domain_accuracy": acc, "domain_accuracy_sd": 2.0,
+    """A method's summary whose eval-split loss (what chooses) orders the methods as its test perplexity does."""
+    return {"eval_loss": ppl / 5, "eval_loss_sd": sd / 5, "test_perplexity": ppl, "test_perplexity_sd": sd,
+            "domain_accuracy": acc, "domain_accuracy_sd": 2.0,
             "trainable_parameters": params, "adapter_mb": params * 4 / 1e6, "peak_rss_mb": rss, "peak_rss_mb_sd": 0.0,
             "wall_seconds": wall, "tokens_per_s": 300.0, "learning_rate": lr,
             "lr_search": [{"learning_rate": g, "eval_loss": 2.5} for g in grid]}
@@ -30,8 +32,8 @@ def test_separation_uses_the_seed_standard_error():
 
 def test_method_findings_name_the_winner_the_ties_and_the_costs():
     text = "\n".join(method_findings(COMPARISON))
-    assert "best is lora (12.00 ± 0.30)" in text
-    assert "ia3 (12.20" in text.split("Not separable")[1].split("\n")[0]
+    assert "best is lora (eval loss 2.400 ± 0.060; test perplexity 12.00 ± 0.30)" in text
+    assert "ia3 (eval loss 2.440" in text.split("Not separable")[1].split("\n")[0]
     assert "beyond seed noise: dora" in text
     assert "fewest trainable parameters: ia3" in text and "lowest peak memory: lora@nf4" in text
     assert "**lora@nf4 against lora:** peak memory 2000 vs 3000 MB (0.67x), training time 2.00x" in text
@@ -80,12 +82,13 @@ def test_when_full_fine_tuning_wins_the_findings_price_the_best_adapter():
     text = "\n".join(method_findings({"train_examples": 240, "seeds": [1, 2, 3], "methods": methods}))
     assert "Every other method is worse beyond seed noise" in text
     assert "best-quality group" not in text  # a group of one has nothing to choose between
-    assert ("**Best adapter:** rslora (11.00 ± 0.10), 1.10x full fine-tuning's perplexity with 100x fewer trainable "
-            "parameters, 0.0 MB against 0 MB on disk, 0.75x the peak memory and 0.67x the training time. "
+    assert ("**Best adapter:** rslora (eval loss 2.200 ± 0.020; test perplexity 11.00 ± 0.10), 1.10x full "
+            "fine-tuning's perplexity with 100x fewer trainable parameters, 0.0 MB against 0 MB on disk, 0.75x the peak "
+            "memory and 0.67x the training time. "
             "Every other adapter is worse beyond seed noise.") in text
     methods["dora"] = _method(11.1, 0.1)
     text = "\n".join(method_findings({"train_examples": 240, "seeds": [1, 2, 3], "methods": methods}))
-    assert "Not separable from it: dora (11.10 ± 0.10)." in text
+    assert "Not separable from it: dora (eval loss 2.220 ± 0.020; test perplexity 11.10 ± 0.10)." in text
 
 
 def test_findings_name_the_smallest_adapter_and_the_rank_that_is_enough():

@@ -15,7 +15,7 @@ from loralab.util.errors import LoralabError
 def _configure(cfg, tmp_path: Path):
     cc = cfg.compare
     cc.methods = ["lora", "full"]
-    cc.seeds = [1, 2]
+    cc.seeds = [1, 2]  # the learning-rate search runs with seed 0: none of the reported ones
     cc.learning_rates = {"lora": [1e-4, 2e-2], "full": [1e-4]}
     cc.lr_extensions = 0  # the record count below is exact; lr_beyond_edge has its own test
     cc.train_examples = 8
@@ -34,6 +34,9 @@ def test_compare_chooses_lr_per_method_and_measures_seeds_on_test(tiny_config, t
     lora = summary["methods"]["lora"]
     assert lora["learning_rate"] == min(lora["lr_search"], key=lambda s: s["eval_loss"])["learning_rate"]
     assert [r["seed"] for r in lora["runs"]] == [1, 2]
+    assert summary["lr_seed"] == 0 and "eval-split loss" in summary["choices"]
+    searched = [json.loads((Path(s["run_dir"]) / "record.json").read_text())["params"] for s in lora["lr_search"]]
+    assert {p["train.seed"] for p in searched} == {0} and {r["params"]["train.seed"] for r in lora["runs"]} == {1, 2}
     assert all(r["test"]["perplexity"] > 1 for r in lora["runs"])
     assert lora["runs"][0]["params"] != lora["runs"][1]["params"]  # the seeds really differ
     assert summary["methods"]["full"]["trainable_parameters"] > 10 * lora["trainable_parameters"]
@@ -43,7 +46,7 @@ def test_compare_chooses_lr_per_method_and_measures_seeds_on_test(tiny_config, t
     assert (Path(cfg.compare.plots_dir) / "quality_tradeoffs.png").stat().st_size > 10_000
 
     records = sorted(Path(cfg.compare.runs_dir).glob("*/record.json"))
-    assert len(records) == 5  # lora: 2 lrs (the best one reused for seed 1) + seed 2; full: 1 + seed 2
+    assert len(records) == 7  # lora: 2 lrs (seed 0) + seeds 1 and 2; full: 1 lr + seeds 1 and 2
     stamps = [p.stat().st_mtime_ns for p in records]
     again = compare(cfg)  # finished runs are reused, not retrained
     assert [p.stat().st_mtime_ns for p in records] == stamps
@@ -51,7 +54,7 @@ def test_compare_chooses_lr_per_method_and_measures_seeds_on_test(tiny_config, t
     import shutil
 
     shutil.rmtree(cfg.compare.runs_dir)  # a fresh clone: only the committed record store is left
-    assert len(list(Path(cfg.compare.records_dir).glob("*.json"))) == 5
+    assert len(list(Path(cfg.compare.records_dir).glob("*.json"))) == 7
     fresh = compare(cfg)
     assert not Path(cfg.compare.runs_dir).exists()  # nothing retrained
     assert fresh["methods"] == again["methods"]
