@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from loralab.util.errors import LoralabError
-from loralab.util.provenance import repo_root
+from loralab.util.provenance import git_output, repo_root
 
 # Code every trained result depends on: data, model loading, adapters, the training loop, the config.
 TRAINING = ("src/config.py", "src/model_utils.py", "src/data", "src/adapters", "src/training", "src/presets")
@@ -91,10 +90,11 @@ def kind_of(path: str) -> ResultKind | None:
 
 
 def _git(root: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise LoralabError(f"git {' '.join(args[:2])} failed in {root}: {done.stderr.strip().splitlines()[-1:]}")
-    return done.stdout
+    """util.provenance's git runner, where a failure is an error (an audit cannot go on without git)."""
+    out = git_output(root, *args)
+    if out is None:
+        raise LoralabError(f"git {' '.join(args[:2])} failed in {root}; run `loralab provenance` in a git checkout")
+    return out
 
 
 def committed_results(root: Path) -> list[str]:
@@ -121,7 +121,7 @@ def check(root: Path, path: str) -> ResultStatus:
     status.commit, status.written_at = block.get("commit"), block.get("written_at")
     if not status.commit:
         status.problems.append("written outside a git checkout")
-    elif _git_ok(root, "cat-file", "-e", f"{status.commit}^{{commit}}"):
+    elif git_output(root, "cat-file", "-e", f"{status.commit}^{{commit}}") is not None:
         changed = later_changes(root, status.commit, kind.depends_on) if kind else []
         if changed:
             status.problems.append(f"code changed since: {', '.join(changed[:4])}" + (" ..." if len(changed) > 4 else ""))
@@ -138,10 +138,6 @@ def check(root: Path, path: str) -> ResultStatus:
     if kind is None:
         status.problems.append("no record in loralab.audit.KINDS says what code it depends on")
     return status
-
-
-def _git_ok(root: Path, *args: str) -> bool:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, check=False).returncode == 0
 
 
 def audit(root: Path | None = None) -> list[ResultStatus]:

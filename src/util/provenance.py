@@ -31,11 +31,12 @@ LIBRARIES = ("loralab", "torch", "transformers", "peft", "accelerate", "trl", "o
 def repo_root(start: Path | None = None) -> Path | None:
     """The git checkout loralab runs from (its package folder's checkout), or None when installed elsewhere."""
     here = start or Path(__file__).resolve().parent
-    found = _git(here, "rev-parse", "--show-toplevel")
+    found = git_output(here, "rev-parse", "--show-toplevel")
     return Path(found.strip()) if found else None
 
 
-def _git(cwd: Path, *args: str) -> str | None:
+def git_output(cwd: Path, *args: str) -> str | None:
+    """`git ARGS` run in `cwd`: its stdout, or None when git is missing, fails or hangs."""
     try:
         done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -47,9 +48,9 @@ def code_state(root: Path | None) -> dict[str, Any]:
     """{"commit", "dirty", "dirty_paths"} of the checkout; commit None outside a git checkout."""
     if root is None:
         return {"commit": None, "dirty": None, "dirty_paths": []}
-    status = _git(root, "status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS) or ""
+    status = git_output(root, "status", "--porcelain", "--untracked-files=normal", "--", *CODE_PATHS) or ""
     paths = sorted(line[3:] for line in status.splitlines() if line.strip())
-    return {"commit": (_git(root, "rev-parse", "HEAD") or "").strip() or None, "dirty": bool(paths),
+    return {"commit": (git_output(root, "rev-parse", "HEAD") or "").strip() or None, "dirty": bool(paths),
             "dirty_paths": paths[:20]}
 
 
