@@ -1,14 +1,16 @@
 """`loralab provenance`: every committed result, the commit that wrote it, and whether it is stale.
 
-A result is stale when a commit after the one that produced it changed the code it depends on, when
-it was produced from a checkout with uncommitted code, when it says so itself (a top-level "stale"
-note), or when it carries no provenance block at all (written before results recorded one). One
-record per kind of result (PEFT's one-record-per-variant style): where it lives, the command that
-regenerates it, and the code it depends on, as git pathspecs.
+A result is stale when a commit after the one that produced it changed the code it depends on (a change
+to comments, docstrings or layout alone does not count), when it was produced from a checkout with
+uncommitted code, when it says so itself (a top-level "stale" note), or when it carries no provenance
+block at all (written before results recorded one). One record per kind of result (PEFT's
+one-record-per-variant style): where it lives, the command that regenerates it, and the code it
+depends on, as git pathspecs.
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import json
 from dataclasses import dataclass
@@ -104,8 +106,35 @@ def committed_results(root: Path) -> list[str]:
 
 
 def later_changes(root: Path, commit: str, depends_on: tuple[str, ...]) -> list[str]:
-    """The files of `depends_on` that commits after `commit` changed, up to HEAD."""
-    return _git(root, "diff", "--name-only", f"{commit}..HEAD", "--", *depends_on).split()
+    """The files of `depends_on` that commits after `commit` changed, up to HEAD, leaving out Python files
+    whose change touched only comments, docstrings or layout (their code, and so every number, is the same)."""
+    changed = _git(root, "diff", "--name-only", f"{commit}..HEAD", "--", *depends_on).split()
+    return [path for path in changed if not _same_code(root, commit, path)]
+
+
+def _same_code(root: Path, commit: str, path: str) -> bool:
+    """Whether `path` parses to the same syntax tree, docstrings left out, at `commit` and at HEAD."""
+    if not path.endswith(".py"):
+        return False
+    before, after = git_output(root, "show", f"{commit}:{path}"), git_output(root, "show", f"HEAD:{path}")
+    if before is None or after is None:  # added or deleted
+        return False
+    try:
+        return _code_only(before) == _code_only(after)
+    except SyntaxError:
+        return False
+
+
+def _code_only(source: str) -> str:
+    """The syntax tree of `source` without docstrings; comments and layout never reach the tree."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 def check(root: Path, path: str) -> ResultStatus:

@@ -84,6 +84,17 @@ def test_a_result_goes_stale_when_the_code_it_depends_on_changes_and_not_otherwi
     assert "STALE: code changed since: src/metrics/text.py" in render([status]) and "`make run`" in render([status])
 
 
+def test_a_change_to_comments_docstrings_or_layout_alone_does_not_stale_a_result(repo):
+    write(repo, "src/metrics/text.py", "def f(x):\n    return x + 1\n")
+    result_at(repo, commit_all(repo, "code"))
+    write(repo, "src/metrics/text.py", '"""Module doc."""\n\n\ndef f(x):  # why\n    """Doc."""\n    return (x +\n            1)\n')
+    commit_all(repo, "comments, docstrings and layout")
+    assert not audit(repo)[0].stale
+    write(repo, "src/metrics/text.py", '"""Module doc."""\n\n\ndef f(x):\n    """Doc."""\n    return x + 2\n')
+    commit_all(repo, "a real change")
+    assert audit(repo)[0].problems == ["code changed since: src/metrics/text.py"]
+
+
 def test_results_without_a_block_marked_stale_or_from_dirty_code_are_stale(repo):
     assert audit(repo)[0].problems == ["no provenance block (written before results recorded one)"]
     code = git(repo, "rev-parse", "HEAD")
