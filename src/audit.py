@@ -16,16 +16,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 from loralab.util.provenance import git_output, repo_root
 
 # Code every trained result depends on: data, model loading, adapters, the training loop, the config.
-TRAINING = ("src/config.py", "src/model_utils.py", "src/data", "src/adapters", "src/training", "src/presets")
+# Experiment tracking is left out: it sends a run's numbers to TensorBoard/MLflow and never changes them
+# (train.report_to is not part of a run's identity), and the committed results were written untracked.
+TRAINING = ("src/config.py", "src/model_utils.py", "src/data", "src/adapters", "src/training", "src/presets",
+            ":(exclude)src/training/tracking.py")
 EVALUATION = ("src/metrics",)
 # The study machinery every study shares; each study also depends on its own module (below).
 STUDY_CORE = ("src/studies/runner.py", "src/studies/space.py", "src/studies/records.py", "src/studies/writer.py",
               "src/studies/cells.py")
 RESULT_ROOTS = ("experiments", "benchmarks/results", "lora")
+LIST_MD = "experiments/provenance.md"  # `loralab provenance --write`: the list, for docs/provenance.md to quote
 
 
 @dataclass(frozen=True)
@@ -205,3 +210,16 @@ def render(statuses: list[ResultStatus]) -> str:
     if commands:
         lines.append("Regenerate them with: " + "; ".join(f"`{c}`" for c in commands))
     return "\n".join(lines)
+
+
+def write_list(statuses: list[ResultStatus], root: Path | None = None) -> Path:
+    """The list as Markdown in LIST_MD, headed by the commit it was made at; docs/provenance.md quotes it, and
+    the suite checks the quote (tests/test_docs_quotes.py), so the docs show what the command printed."""
+    root = root or repo_root()
+    head = (git_output(root, "rev-parse", "--short=10", "HEAD") or "").strip() or "no commit"
+    text = (f"# Committed results and their provenance\n\nWritten by `loralab provenance --write` at commit {head}; "
+            "the results committed with this file are listed as the code of that commit judges them.\n\n"
+            f"```\n{render(statuses)}\n```\n")
+    path = root / LIST_MD
+    atomic_io.write_text(path, text)
+    return path

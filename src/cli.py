@@ -19,7 +19,7 @@
                                                 # a pruned HF directory; --study: experiments/pruning_study.md
     loralab ui       [--host H] [--port P]      # local web dashboard (runs, launch, compare, playground, data)
     loralab analysis                            # experiments/optimization_analysis.md from the committed results
-    loralab provenance [--check]                # committed results, their commits, the stale ones
+    loralab provenance [--check] [--write]      # committed results, their commits, the stale ones
     loralab config                              # print the resolved config as YAML
 
 Every verb takes `--config FILE.yaml` and any number of `--set section.key=value`.
@@ -98,9 +98,11 @@ def run_train(cfg: Config, args: argparse.Namespace) -> int:
 
 def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
     from loralab.metrics.evaluate import add_few_shot, evaluate_model_pair, rescore
+    from loralab.training.tracking import log_standalone_evaluation, require_trackers
 
     if args.lm_eval_limit is not None and not args.lm_eval:
         raise LoralabError("--lm-eval-limit applies to --lm-eval TASKS")
+    require_trackers(cfg.train.report_to)  # before the models load, not after the evaluation
     if args.lm_eval:  # lm-evaluation-harness alone, into its own file: the usual evaluation is not rerun
         if args.rescore or args.add_few_shot:
             raise LoralabError("--lm-eval runs on its own; give --rescore or --add-few-shot in a separate command")
@@ -115,9 +117,10 @@ def run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
         if args.adapter:
             raise LoralabError("--rescore and --add-few-shot work on the answers stored in eval.results_json; "
                                "they take no --adapter")
-        (add_few_shot if args.add_few_shot else rescore)(cfg)
+        results = (add_few_shot if args.add_few_shot else rescore)(cfg)
     else:
-        evaluate_model_pair(cfg, adapter_dir=args.adapter)
+        results = evaluate_model_pair(cfg, adapter_dir=args.adapter)
+    log_standalone_evaluation(cfg, results, [cfg.eval.results_json, cfg.eval.report_md], args.adapter)
     print(f"wrote {cfg.eval.results_json} and {cfg.eval.report_md}")
     return 0
 
@@ -234,10 +237,12 @@ def run_analysis(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def run_provenance(cfg: Config, args: argparse.Namespace) -> int:
-    from loralab.audit import audit, render
+    from loralab.audit import LIST_MD, audit, render, write_list
 
     statuses = audit()
     print(render(statuses))
+    if args.write:
+        print(f"wrote {write_list(statuses)}" if statuses else f"no results to list; {LIST_MD} not written")
     return 1 if args.check and any(s.stale for s in statuses) else 0
 
 
@@ -336,6 +341,7 @@ VERBS: tuple[Verb, ...] = (
     Verb("analysis", "rebuild experiments/optimization_analysis.md from the committed results", run_analysis),
     Verb("provenance", "every committed result with the commit that wrote it; flags the stale ones", run_provenance, (
         flag("--check", action="store_true", help="exit 1 when any result is stale (for CI)"),
+        flag("--write", action="store_true", help="also write the list to experiments/provenance.md (docs quote it)"),
     )),
     Verb("config", "print the resolved configuration", print_config),
 )

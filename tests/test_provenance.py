@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loralab.audit import audit, kind_of, render
+from loralab.audit import LIST_MD, audit, kind_of, render, write_list
 from loralab.util.provenance import code_state, command_line, record, repo_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,12 +87,21 @@ def test_a_result_goes_stale_when_the_code_it_depends_on_changes_and_not_otherwi
 def test_a_change_to_comments_docstrings_or_layout_alone_does_not_stale_a_result(repo):
     write(repo, "src/metrics/text.py", "def f(x):\n    return x + 1\n")
     result_at(repo, commit_all(repo, "code"))
-    write(repo, "src/metrics/text.py", '"""Module doc."""\n\n\ndef f(x):  # why\n    """Doc."""\n    return (x +\n            1)\n')
+    reworded = '"""Module doc."""\n\n\ndef f(x):  # why\n    """Doc."""\n    return (x +\n            1)\n'
+    write(repo, "src/metrics/text.py", reworded)
     commit_all(repo, "comments, docstrings and layout")
     assert not audit(repo)[0].stale
     write(repo, "src/metrics/text.py", '"""Module doc."""\n\n\ndef f(x):\n    """Doc."""\n    return x + 2\n')
     commit_all(repo, "a real change")
     assert audit(repo)[0].problems == ["code changed since: src/metrics/text.py"]
+
+
+def test_the_written_list_is_what_the_command_prints_headed_by_its_commit(repo):
+    statuses = audit(repo)
+    path = write_list(statuses, repo)
+    assert path == repo / LIST_MD
+    text = path.read_text()
+    assert f"at commit {git(repo, 'rev-parse', '--short=10', 'HEAD')}" in text and f"```\n{render(statuses)}\n```" in text
 
 
 def test_results_without_a_block_marked_stale_or_from_dirty_code_are_stale(repo):

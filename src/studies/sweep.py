@@ -23,6 +23,7 @@ from loralab.metrics.evaluate import evaluate_adapter
 from loralab.studies.runner import in_fresh_process, run_root, run_trial
 from loralab.studies.space import Budget, trial_overrides
 from loralab.studies.writer import write_results
+from loralab.training.tracking import StudyRun, TrackingContext, log_evaluation, study_run
 from loralab.util import atomic_io
 from loralab.util.errors import LoralabError
 
@@ -118,10 +119,12 @@ def budget(cfg: Config) -> Budget:
     return Budget(cfg.sweep.train_examples, cfg.sweep.eval_examples)
 
 
-def _measure_point(cfg: Config, params: dict[str, Any], root: Path) -> dict:
-    """In the point's own process: train it (resuming a checkpoint), then measure it on the eval split."""
-    record, trial_cfg = run_trial(cfg, params, root, budget(cfg), reports=1, resume=True)
+def _measure_point(cfg: Config, params: dict[str, Any], root: Path, tracking: TrackingContext | None = None) -> dict:
+    """In the point's own process: train it (resuming a checkpoint), then measure it on the eval split; with
+    train.report_to, the measurement joins the point's tracked run (`tracking`: its place in the sweep's)."""
+    record, trial_cfg = run_trial(cfg, params, root, budget(cfg), reports=1, resume=True, tracking=tracking)
     quality = evaluate_adapter(trial_cfg, trial_cfg.train.output_dir, "eval", cfg.sweep.generation_per_task)
+    log_evaluation(trial_cfg.train, {"split": "eval", "models": {"fine_tuned": quality}}, [])
     row = record.to_json()
     row.update({
         "eval_perplexity": quality["perplexity"],
@@ -145,22 +148,35 @@ def sweep(cfg: Config) -> dict:
     done = {r["digest"]: r for r in previous.get("points", []) if r.get("measured_as") == measured_as}
     center = {name: _current(cfg, name) for name in sc.factors}
     records: list[dict] = []
-    for index, (factor, value, params) in enumerate(points, 1):
-        root = run_root(sc.runs_dir, cfg, params, budget(cfg))
-        point = {"factor": factor, "value": value, "resolved": params[factor], "digest": root.name}
-        if root.name not in done:
-            print(f"point {index}/{len(points)}: {factor} = {params[factor]}", flush=True)
-            started = time.perf_counter()
-            done[root.name] = in_fresh_process(_measure_point, cfg, params, root)
-            done[root.name].update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
-            r = done[root.name]
-            print(f"  eval ppl {r['eval_perplexity']:.3f}, domain score {r['domain_accuracy']:.1f}, "
-                  f"{r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-            records.append({**done[root.name], **point})
-            _write(cfg, center, records, complete=False)
-        else:
-            records.append({**done[root.name], **point})
-    return _write(cfg, center, records, complete=True)
+    with study_run(cfg, "sweep", Path(sc.runs_dir).name) as tracked:  # each point a nested run of this one
+        for index, point in enumerate(points, 1):
+            row, measured_now = _point(cfg, index, len(points), point, done, measured_as, tracked)
+            records.append(row)
+            if measured_now:
+                _write(cfg, center, records, complete=False)
+        summary = _write(cfg, center, records, complete=True)
+        tracked.log_artifact(sc.results_json)
+        tracked.log_artifact(sc.summary_md)
+    return summary
+
+
+def _point(cfg: Config, index: int, count: int, point: tuple[str, Any, dict[str, Any]], done: dict[str, dict],
+           measured_as: dict, tracked: StudyRun) -> tuple[dict, bool]:
+    """One point's row, and whether it was measured now rather than reused from `done` (an earlier sweep
+    that measured it the same way)."""
+    factor, value, params = point
+    root = run_root(cfg.sweep.runs_dir, cfg, params, budget(cfg))
+    measured_now = root.name not in done
+    if measured_now:
+        print(f"point {index}/{count}: {factor} = {params[factor]}", flush=True)
+        started = time.perf_counter()
+        done[root.name] = in_fresh_process(_measure_point, cfg, params, root, tracked.child(f"{factor}={params[factor]}"))
+        done[root.name].update({"point_wall_seconds": round(time.perf_counter() - started, 1), "measured_as": measured_as})
+        r = done[root.name]
+        print(f"  eval ppl {r['eval_perplexity']:.3f}, domain score {r['domain_accuracy']:.1f}, "
+              f"{r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    row = {**done[root.name], "factor": factor, "value": value, "resolved": params[factor], "digest": root.name}
+    return row, measured_now
 
 
 def _write(cfg: Config, center: dict, records: list[dict], complete: bool) -> dict:

@@ -9,8 +9,9 @@ torch's `SummaryWriter`; MLflow runs through `MlflowClient`) instead of a format
   writes them to log.jsonl, then the adapter and the loss plot; a `Tracker` with no backend (report_to
   empty, and on every data-parallel rank but the main one) does nothing.
 - `<run_dir>/tracking.json` records where the run went (its MLflow run id, its TensorBoard directory),
-  so `--resume` and `loralab run`'s evaluation log into the same run (`log_evaluation`).
-- `study_run` is the parent of a study's runs (tune trials, compare runs, domain adapters): MLflow nests
+  so `--resume` and `loralab run`'s evaluation log into the same run (`log_evaluation`); `loralab
+  evaluate` does too for that run's adapter, and opens a run of its own for any other adapter.
+- `study_run` is the parent of a study's runs (tune trials, compare runs, sweep points, domain adapters): MLflow nests
   them under it (the `mlflow.parentRunId` tag), TensorBoard gets one subdirectory per run.
 tensorboard and mlflow are imported only here and only when named, so loralab works without them.
 """
@@ -38,6 +39,7 @@ RECORD_FILE = "tracking.json"
 # MLflow's default since its file store was frozen (it refuses `file:` stores unless told otherwise).
 DEFAULT_MLFLOW_URI = "sqlite:///runs/mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: its UI shows a run nested under the run it names
+ADAPTER_TAG = "loralab.adapter"  # on a run of `loralab evaluate` alone: the adapter it evaluated
 STUDY_TAG = "loralab.study"  # "<kind>/<name>" on a study's parent run, so a rerun (or another worker) finds it
 # MLflow's limits: characters of a param value, and params or metrics per log_batch request.
 _MAX_PARAM_CHARS, _BATCH = 6000, 100
@@ -333,6 +335,44 @@ def log_evaluation(t: TrainConfig, results: dict, files: list[str | Path]) -> No
     tracker.close()
 
 
+def log_standalone_evaluation(cfg: Config, results: dict, files: list[str | Path],
+                              adapter_dir: str | Path | None = None) -> None:
+    """`loralab evaluate`'s numbers into train.report_to's trackers: into the tracked training run of
+    train.run_dir when the adapter is that run's own (train.output_dir, the default), as `loralab run`
+    does; an adapter from anywhere else gets a run of its own, `evaluate <adapter>`, so its numbers are
+    never filed under a training they did not come from."""
+    t = cfg.train
+    if not t.report_to:
+        return
+    require_trackers(t.report_to)
+    adapter = Path(adapter_dir or t.output_dir).resolve()
+    if _read_record(Path(t.run_dir)) is not None and adapter == Path(t.output_dir).resolve():
+        log_evaluation(t, results, files)
+        return
+    tracker = _evaluation_run(cfg, adapter)
+    tracker.log_metrics(evaluation_metrics(results), 0)
+    for path in files:
+        tracker.log_artifact(path, "evaluation")
+    tracker.close()
+
+
+def _evaluation_run(cfg: Config, adapter: Path) -> Tracker:
+    """A new tracked run for one evaluation: the config as params, the adapter's path as a tag; TensorBoard
+    under `<train.tracking_dir or train.run_dir>/evaluations/<adapter folder>`, replaced by a rerun."""
+    t = cfg.train
+    backends: dict[str, _Backend] = {}
+    if "tensorboard" in t.report_to:
+        logdir = Path(t.tracking_dir or t.run_dir) / "evaluations" / adapter.name
+        shutil.rmtree(logdir, ignore_errors=True)
+        backends["tensorboard"] = _TensorBoard(logdir, purge_step=None)
+    if "mlflow" in t.report_to:
+        backends["mlflow"] = _MLflow.start(mlflow_uri(t), t.experiment_name, f"evaluate {adapter.name}",
+                                           {ADAPTER_TAG: str(adapter)})
+    tracker = Tracker(backends)
+    tracker.log_params(flat_params(cfg))
+    return tracker
+
+
 def evaluation_metrics(results: dict) -> dict[str, float]:
     """The scalar numbers of an evaluation result (metrics/evaluate.py); nested detail stays in the file."""
     split = results.get("split", "eval")
@@ -354,6 +394,11 @@ class StudyRun:
 
     def child(self, name: str) -> TrackingContext:
         return TrackingContext(name=name, group=self.group, parent_run_id=self.mlflow.run_id if self.mlflow else None)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Numbers of the whole study (domains' cross-evaluation matrix) on its parent run."""
+        if self.mlflow is not None:
+            self.mlflow.log_metrics(metrics, 0)
 
     def log_artifact(self, path: str | Path) -> None:
         """A result file of the whole study (its summary, its table), when it exists."""

@@ -90,8 +90,26 @@ def _two_domain_config(cfg, tmp_path: Path):
     return cfg
 
 
-def test_domains_trains_specialists_and_a_mixture_and_cross_evaluates(tiny_config, tmp_path):
+def _check_the_tracked_cross_evaluation(cfg, matrix: dict) -> None:
+    """With MLflow in train.report_to, the study's parent run holds the matrix and the result files."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.train.mlflow_tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.train.experiment_name).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("loralab.study") == "domains/runs"]
+    children = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
+    assert children == ["cmds", "codes", "mixture"]
+    assert parent.data.metrics["codes/cmds/perplexity"] == pytest.approx(matrix["codes"]["cmds"]["perplexity"])
+    assert parent.data.metrics["base/general/mc_accuracy"] == pytest.approx(matrix["base"]["general"]["mc_accuracy"])
+    assert {"domain_transfer.json", "domain_transfer.md", "cross_evaluation.png"} <= {
+        f.path for f in client.list_artifacts(parent.info.run_id)}
+
+
+def test_domains_trains_specialists_and_a_mixture_and_cross_evaluates(tiny_config, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     cfg = _two_domain_config(tiny_config, tmp_path)
+    cfg.train.report_to, cfg.train.mlflow_tracking_uri = ["mlflow"], f"sqlite:///{tmp_path / 'mlflow.db'}"
     summary = run_domains(cfg)
     matrix = summary["matrix"]
     assert list(matrix) == ["base", "codes", "cmds", "mixture"]
@@ -108,6 +126,8 @@ def test_domains_trains_specialists_and_a_mixture_and_cross_evaluates(tiny_confi
     text = Path(cfg.domains.summary_md).read_text()
     assert "| mixture |" in text and "Forgetting" in text
     assert (Path(cfg.domains.plots_dir) / "cross_evaluation.png").stat().st_size > 10_000
+
+    _check_the_tracked_cross_evaluation(cfg, matrix)
 
     cells = Path(cfg.domains.runs_dir) / "cells.json"
     stamp = cells.stat().st_mtime_ns

@@ -195,3 +195,62 @@ def test_no_tracker_logs_nothing_and_the_mlflow_store_is_chosen_in_order(tiny_co
     assert tracking.mlflow_uri(t) == "http://tracker.example:5000"  # the environment, when the field is unset
     t.mlflow_tracking_uri = "http://shared:5000"
     assert tracking.mlflow_uri(t) == "http://shared:5000"  # the field, when set
+
+
+def _runs(cfg) -> list:
+    client = _client(cfg)
+    return client.search_runs([client.get_experiment_by_name(cfg.train.experiment_name).experiment_id])
+
+
+def test_evaluate_alone_joins_its_training_run_or_opens_one_for_another_adapter(tiny_config, tmp_path):
+    import shutil
+
+    import yaml
+
+    from loralab.cli import main
+
+    cfg = _tracked(tiny_config, tmp_path)
+    cfg.eval.few_shot_ks, cfg.eval.recall_per_task = [], 0
+    train(cfg, quiet=True)
+    config = tmp_path / "tracked.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["evaluate", "--config", str(config)]) == 0  # the run's own adapter: into the training's run
+    client, run_id = _client(cfg), _record(cfg)["mlflow"]["run_id"]
+    results = json.loads(Path(cfg.eval.results_json).read_text())
+    tuned_ppl = results["models"]["fine_tuned"]["perplexity"]
+    assert _history(client, run_id, "test/fine_tuned/perplexity") == [(6, pytest.approx(tuned_ppl))]
+    assert len(_runs(cfg)) == 1
+
+    other = tmp_path / "elsewhere" / "my_adapter"
+    shutil.copytree(cfg.train.output_dir, other)
+    assert main(["evaluate", "--config", str(config), "--adapter", str(other)]) == 0  # not the run's: a run of its own
+    (own,) = [r for r in _runs(cfg) if r.info.run_id != run_id]
+    assert own.info.run_name == "evaluate my_adapter" and own.info.status == "FINISHED"
+    assert own.data.tags[tracking.ADAPTER_TAG] == str(other.resolve()) and own.data.params["lora.r"] == str(cfg.lora.r)
+    again = json.loads(Path(cfg.eval.results_json).read_text())["models"]["fine_tuned"]["perplexity"]
+    assert own.data.metrics["test/fine_tuned/perplexity"] == pytest.approx(again)
+    assert {"evaluation/eval_results.json", "evaluation/report.md"} == {
+        f.path for f in client.list_artifacts(own.info.run_id, "evaluation")}
+    scalars, _ = _scalars(Path(cfg.train.run_dir) / "evaluations" / "my_adapter")
+    assert scalars["test/fine_tuned/perplexity"] == [(0, pytest.approx(again, rel=1e-6))]
+    assert len(_history(client, run_id, "test/fine_tuned/perplexity")) == 1  # the training's run is untouched
+
+
+def test_sweep_points_are_nested_runs_with_their_measurement(tiny_config, tmp_path):
+    from loralab.studies.sweep import sweep
+
+    cfg = _tracked(tiny_config, tmp_path, ["mlflow"])
+    sc = cfg.sweep
+    sc.runs_dir, sc.results_dir, sc.train_examples, sc.eval_examples = str(tmp_path / "sweep"), str(tmp_path), 16, 8
+    sc.factors, sc.generation_per_task = {"lora.r": [2, 4]}, 1
+    summary = sweep(cfg)
+    runs = _runs(cfg)
+    (parent,) = [r for r in runs if r.data.tags.get(tracking.STUDY_TAG) == "sweep/sweep"]
+    assert parent.info.status == "FINISHED"
+    assert {f.path for f in _client(cfg).list_artifacts(parent.info.run_id)} >= {"sensitivity.json", "sensitivity.md"}
+    children = {r.info.run_name: r for r in runs if r.data.tags.get(tracking.PARENT_TAG) == parent.info.run_id}
+    assert sorted(children) == ["lora.r=2", "lora.r=4"] and len(runs) == 3
+    for point in summary["points"]:
+        child = children[f"lora.r={point['resolved']}"]
+        assert child.data.params["lora.r"] == str(point["resolved"])
+        assert child.data.metrics["eval/fine_tuned/perplexity"] == pytest.approx(point["eval_perplexity"])
