@@ -213,10 +213,10 @@ def export(cfg: Config, adapter_dir: str | Path | None = None, formats: list[str
         results["formats"][fmt] = _check_format(cfg, fmt, artifacts, pairs, reference, adapter_effect, rows)
         if fmt == "gguf-lora":
             results["formats"][fmt].update(base_gguf=str(base_gguf), modelfile=str(out / "Modelfile"))
+    results["provenance"] = provenance.record(cfg.to_dict())  # before the report: export.report_json carries it too
     if rows is not None:
         _write_report(cfg, results)
     failed = [f for f, e in results["formats"].items() if not e["verification"]["passed"]]
-    results["provenance"] = provenance.record(cfg.to_dict())
     atomic_io.write_json(out / "export_report.json", results)
     if failed:
         raise LoralabError(f"export verification failed for {failed}: see {out}/export_report.json")

@@ -55,6 +55,8 @@ def test_export_writes_verified_merged_gguf_and_the_adapter(trained, tmp_path):
     assert tokenizer.chat_template == original.chat_template
     saved = json.loads((tmp_path / "export" / "export_report.json").read_text())
     assert set(saved["formats"]) == set(formats)
+    reported = json.loads(Path(trained.export.report_json).read_text())  # the committed kind of result
+    assert reported["formats"] == saved["formats"] and reported["provenance"]["command"] == saved["provenance"]["command"]
     # The tiny base is a HF directory, so the Modelfile's base is an F16 GGUF the export wrote beside the adapter.
     modelfile = (tmp_path / "export" / "Modelfile").read_text().splitlines()
     base_gguf = tmp_path / "export" / "tiny-llama0.F16.gguf"
