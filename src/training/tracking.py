@@ -328,11 +328,7 @@ def log_evaluation(t: TrainConfig, results: dict, files: list[str | Path]) -> No
         backends["tensorboard"] = _TensorBoard(Path(record["tensorboard"]["logdir"]), purge_step=None)
     if "mlflow" in t.report_to and "mlflow" in record:
         backends["mlflow"] = _MLflow(record["mlflow"]["tracking_uri"], record["mlflow"]["run_id"])
-    tracker = Tracker(backends, Path(t.run_dir) / RECORD_FILE, record["step"])
-    tracker.log_metrics(evaluation_metrics(results), record["step"])
-    for path in files:
-        tracker.log_artifact(path, "evaluation")
-    tracker.close()
+    _send_evaluation(Tracker(backends, Path(t.run_dir) / RECORD_FILE, record["step"]), results, files)
 
 
 def log_standalone_evaluation(cfg: Config, results: dict, files: list[str | Path],
@@ -349,8 +345,13 @@ def log_standalone_evaluation(cfg: Config, results: dict, files: list[str | Path
     if _read_record(Path(t.run_dir)) is not None and adapter == Path(t.output_dir).resolve():
         log_evaluation(t, results, files)
         return
-    tracker = _evaluation_run(cfg, adapter)
-    tracker.log_metrics(evaluation_metrics(results), 0)
+    _send_evaluation(_evaluation_run(cfg, adapter), results, files)
+
+
+def _send_evaluation(tracker: Tracker, results: dict, files: list[str | Path]) -> None:
+    """An evaluation's numbers at the tracker's last step (0 for a run of its own), its files under
+    `evaluation/`, then the run closed."""
+    tracker.log_metrics(evaluation_metrics(results), tracker.step)
     for path in files:
         tracker.log_artifact(path, "evaluation")
     tracker.close()
