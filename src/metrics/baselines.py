@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from loralab.metrics.text import METRICS, above_chance, normalize, primary_metric
+from loralab.metrics.text import normalize, primary_metric, raw_and_above_chance
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -59,22 +59,15 @@ def _by_task(samples: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
-def _question_scores(groups: dict[str, list[dict]], answer_of) -> dict[str, np.ndarray]:
-    """task -> each question's primary score above chance, for answers given by `answer_of(sample)`."""
-    scores = {}
+def _question_scores(groups: dict[str, list[dict]], answer_of) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """For answers given by `answer_of(sample)`: task -> each question's primary score above chance, and
+    task -> 100 x the mean raw score (before the chance correction, for the report's side table)."""
+    scores, raw_means = {}, {}
     for task, rows in groups.items():
         references = [r["reference"] for r in rows]
-        scores[task] = above_chance(primary_metric(task, references), [answer_of(r) for r in rows], references)
-    return scores
-
-
-def _raw_means(groups: dict[str, list[dict]], answer_of) -> dict[str, float]:
-    """task -> 100 x the mean raw primary score (before the chance correction), for the report's side table."""
-    means = {}
-    for task, rows in groups.items():
-        metric = METRICS[primary_metric(task, [r["reference"] for r in rows])]
-        means[task] = 100 * float(np.mean([metric(answer_of(r), r["reference"]) for r in rows]))
-    return means
+        raw, scores[task] = raw_and_above_chance(primary_metric(task, references), [answer_of(r) for r in rows], references)
+        raw_means[task] = 100 * float(raw.mean())
+    return scores, raw_means
 
 
 def compare_with_baselines(samples: list[dict], train_rows: list[dict]) -> dict:
@@ -90,9 +83,10 @@ def compare_with_baselines(samples: list[dict], train_rows: list[dict]) -> dict:
     if samples and all("few_shot_base" in s for s in samples):  # the base model shown k training examples
         answer_of["few_shot_base"] = lambda s: s["few_shot_base"]
     groups = _by_task(samples)
-    competitors = {name: _question_scores(groups, fn) for name, fn in answer_of.items()}
-    tuned = _question_scores(groups, lambda s: s["fine_tuned"])
-    raw = {name: _raw_means(groups, fn) for name, fn in {**answer_of, "fine_tuned": lambda s: s["fine_tuned"]}.items()}
+    scored = {name: _question_scores(groups, fn) for name, fn in {**answer_of, "fine_tuned": lambda s: s["fine_tuned"]}.items()}
+    raw = {name: raw_means for name, (_, raw_means) in scored.items()}
+    tuned = scored.pop("fine_tuned")[0]
+    competitors = {name: above for name, (above, _) in scored.items()}
     tasks = sorted(tuned)
     best = {t: max(competitors, key=lambda name: (competitors[name][t].mean(), name == "base")) for t in tasks}
     rng = np.random.default_rng(BOOTSTRAP_SEED)  # one stream: each task draws its own questions, independently
@@ -105,7 +99,7 @@ def compare_with_baselines(samples: list[dict], train_rows: list[dict]) -> dict:
                        "metric": primary_metric(t, [s["reference"] for s in samples if s["task"] == t]),
                        "fine_tuned": _points(tuned[t].mean()),
                        **{name: _points(scores[t].mean()) for name, scores in competitors.items()},
-                       "best_baseline": best[t], "gain": 100 * (tuned[t].mean() - competitors[best[t]][t].mean()),
+                       "best_baseline": best[t], "gain": _points(tuned[t].mean() - competitors[best[t]][t].mean()),
                        "gain_ci95": [100 * float(low), 100 * float(high)], "constants": constants.get(t, {}),
                        "raw": {name: means[t] for name, means in raw.items()}}
     metrics = sorted({row["metric"] for row in per_task.values()})

@@ -296,6 +296,14 @@ def as_paraphrased(rows: list[dict]) -> list[dict]:
     return asked
 
 
+def recall_answers(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, device, amp_dtype,
+                   who: str = "") -> dict[str, list[str]]:
+    """Greedy answers to `rows` asked as in training and in their second phrasing: {"as_trained", "paraphrased"}."""
+    return {phrasing: generate_answers(model, tokenizer, asked, batch_size, max_new_tokens, device, amp_dtype,
+                                       desc=f"recall, {phrasing.replace('_', ' ')}{who}")
+            for phrasing, asked in (("as_trained", rows), ("paraphrased", as_paraphrased(rows)))}
+
+
 def recall_samples(cfg: Config, model_for, tokenizer, device, amp_dtype) -> list[dict]:
     """Base and fine-tuned answers to training facts asked as in training and in new words (`model_for(name)`:
     the model and the context that makes it the base or the fine-tuned one). [] without paraphrases."""
@@ -307,10 +315,8 @@ def recall_samples(cfg: Config, model_for, tokenizer, device, amp_dtype) -> list
     for name in ("base", "fine_tuned"):
         current, context = model_for(name)
         with context:
-            answers[f"{name}_as_trained"] = generate_answers(current, tokenizer, rows, *args,
-                                                             desc=f"recall, as trained ({name})")
-            answers[name] = generate_answers(current, tokenizer, as_paraphrased(rows), *args,
-                                             desc=f"recall, paraphrased ({name})")
+            given = recall_answers(current, tokenizer, rows, *args, who=f" ({name})")
+        answers[f"{name}_as_trained"], answers[name] = given["as_trained"], given["paraphrased"]
     return [{"task": row["task"], "question": row["question"], "paraphrase": row["paraphrase"],
              "reference": row["answer"], **{key: values[i] for key, values in answers.items()}}
             for i, row in enumerate(rows)]

@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,16 +242,15 @@ def _models(cfg: Config, adapter_dir: Path) -> tuple[Path, dict[str, tuple[Path,
 def loralab_answer_perplexity(cfg: Config, model_dir: Path, peft_dir: Path | None, rows: list[dict], device: str) -> float:
     """loralab's own answer perplexity of `rows`, in fp32 like lm-eval's run, for the side-by-side check."""
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from loralab.data.chat import ensure_chat_template
     from loralab.metrics.evaluate import answer_perplexity
-    from loralab.model_utils import load_tokenizer
+    from loralab.model_utils import load_adapter, load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     if peft_dir is not None:
-        model = PeftModel.from_pretrained(model, peft_dir)
+        model = load_adapter(model, peft_dir)  # plain PEFT, as every other evaluation loads it
     tokenizer = load_tokenizer(model_dir)
     ensure_chat_template(tokenizer)
     device_ = torch.device(device)
@@ -260,12 +260,7 @@ def loralab_answer_perplexity(cfg: Config, model_dir: Path, peft_dir: Path | Non
 def _rows_within(documents: list[dict], limit: int | None) -> list[int]:
     """Indices of the conversations whose every answer is among the first `limit` documents."""
     taken = documents[:limit] if limit else documents
-    counts: dict[int, int] = {}
-    for doc in documents:
-        counts[doc["row"]] = counts.get(doc["row"], 0) + 1
-    seen: dict[int, int] = {}
-    for doc in taken:
-        seen[doc["row"]] = seen.get(doc["row"], 0) + 1
+    counts, seen = Counter(doc["row"] for doc in documents), Counter(doc["row"] for doc in taken)
     return [row for row, n in seen.items() if n == counts[row]]
 
 

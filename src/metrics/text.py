@@ -109,6 +109,11 @@ def above_chance(metric: str, answers: list[str], references: list[str]) -> np.n
     """Per question i of one task: metric(answer_i, reference_i) minus the mean of
     metric(answer_i, reference_j) over the task's other questions j (uncorrected with a single question).
     The mean over the task of any answer that does not depend on its question is exactly 0."""
+    return raw_and_above_chance(metric, answers, references)[1]
+
+
+def raw_and_above_chance(metric: str, answers: list[str], references: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: the raw score metric(answer_i, reference_i), and the score above chance (above_chance)."""
     score, seen = METRICS[metric], {}
 
     def scored(answer: str, reference: str) -> float:  # a constant answer or a class label repeats
@@ -118,7 +123,7 @@ def above_chance(metric: str, answers: list[str], references: list[str]) -> np.n
 
     own = np.array([scored(a, r) for a, r in zip(answers, references)], dtype=np.float64)
     if len(answers) < 2:
-        return own
+        return own, own
     against_all = np.array([sum(scored(a, r) for r in references) for a in answers], dtype=np.float64)
     # Rounded so that a constant's exact 0 is not a float's 1e-17, which would rank it above a model's 0.
-    return np.round(own - (against_all - own) / (len(references) - 1), 12) + 0.0  # + 0.0: no -0.0
+    return own, np.round(own - (against_all - own) / (len(references) - 1), 12) + 0.0  # + 0.0: no -0.0

@@ -26,7 +26,7 @@ from loralab.config import Config
 from loralab.data.builtin_domains import general_knowledge_questions
 from loralab.data.chat import ensure_chat_template
 from loralab.data.prepare import load_split
-from loralab.metrics.evaluate import as_paraphrased, generate_answers, recall_rows, score_answers
+from loralab.metrics.evaluate import recall_answers, recall_rows, score_answers
 from loralab.metrics.general_knowledge import score_general_knowledge
 from loralab.model_utils import load_adapter, load_base_model, resolve_autocast_dtype, resolve_device
 from loralab.studies.cells import Cells
@@ -86,11 +86,10 @@ def _train(cfg: Config, data_dir: Path, point: Point) -> tuple[RunRecord, str]:
 def _recall(model, tokenizer, cfg: Config, facts: list[dict], device, amp_dtype) -> dict:
     """Scores of the answers to the facts asked as in training and in new words: per metric above chance
     (points), per task, and how many answers are exactly the reference."""
-    args = (cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype)
+    answers = recall_answers(model, tokenizer, facts, cfg.eval.batch_size, cfg.eval.max_new_tokens, device, amp_dtype)
     measured = {}
-    for phrasing, rows in (("as_trained", facts), ("paraphrased", as_paraphrased(facts))):
-        answers = generate_answers(model, tokenizer, rows, *args, desc=f"recall, {phrasing.replace('_', ' ')}")
-        scores = score_answers(facts, answers)
+    for phrasing, given in answers.items():
+        scores = score_answers(facts, given)
         measured[phrasing] = {
             "by_metric": {metric: group["score"] for metric, group in scores["by_metric"].items()},
             "per_task": {task: 100 * row["primary"] for task, row in scores["per_task"].items()},
@@ -238,7 +237,8 @@ def _plot(summary: dict, path: Path) -> None:
     variants = [r for r in runs if r["name"] not in (DEFAULT, "base")]
     fig, (recall_ax, forget_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     epochs = [r["epochs"] for r in default]
-    for metric, color in zip(metrics, ("#2f6fdf", "#d9822b", "#3a9a5b")):
+    colors = dict(zip(metrics, ("#2f6fdf", "#d9822b", "#3a9a5b")))  # one per metric: lines and variants alike
+    for metric, color in colors.items():
         for phrasing, style in (("as_trained", "-"), ("paraphrased", "--")):
             recall_ax.plot(epochs, [r[phrasing]["by_metric"][metric] for r in default], style, marker="o", color=color,
                            label=f"{metric}, {phrasing.replace('_', ' ').replace('paraphrased', 'new words')}")
@@ -248,7 +248,8 @@ def _plot(summary: dict, path: Path) -> None:
         marker = next(markers, "o")
         for metric in metrics:
             recall_ax.scatter([row["epochs"]], [row["paraphrased"]["by_metric"][metric]], marker=marker, s=60,
-                              color="black", label=f"{row['name']} (new words)" if metric == metrics[0] else None)
+                              color=colors[metric], edgecolors="black",
+                              label=f"{row['name']} (new words; colour: metric)" if metric == metrics[0] else None)
         forget_ax.scatter([row["epochs"]], [100 * (row["general"]["text_perplexity"] / base["general"]["text_perplexity"] - 1)],
                           marker=marker, s=60, color="black", label=row["name"])
     recall_ax.set_xscale("log", base=2)

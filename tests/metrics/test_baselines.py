@@ -44,6 +44,13 @@ def test_a_model_that_answers_the_constant_gains_nothing_and_a_right_one_gains_w
     assert right["gain"] == pytest.approx(100 * 4 / 7) and 0 < low < right["gain"] <= high + 1e-9
 
 
+def test_a_gain_that_cancels_to_zero_reads_0_not_minus_0():
+    from loralab.metrics.baselines import _points
+
+    # A float difference of two equal means can be -1e-17; the report printed it as "-0.0".
+    assert f"{_points(-1e-17):+.1f}" == "+0.0" and f"{_points(0.25 - 0.25):.1f}" == "0.0" and _points(0.1234) == 12.34
+
+
 def test_no_answer_that_ignores_its_question_scores_above_zero_however_much_the_raw_metric_gives_it():
     references = ["fracture of the left arm", "fracture of the skull", "burn of the arm", "fracture of rib"]
     for metric in ("chrf", "exact_match", "token_f1", "rouge_l"):
