@@ -4,15 +4,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run quick test test-fast lint setup llama-cpp browser clean
+.PHONY: run quick test test-fast lint setup llama-cpp browser jemalloc clean
 
-run: $(STAMP)  ## the main job: prepare, train, evaluate, report on the bundled defaults
+run: $(STAMP) jemalloc  ## the main job: prepare, train, evaluate, report on the bundled defaults
 	$(BIN)/loralab run
 
 quick: $(STAMP)  ## the same pipeline in about 2 minutes, under runs/quick/
 	$(BIN)/loralab run --quick
 
-test: lint llama-cpp browser  ## lint, llama.cpp (built once per machine), Chromium, then the whole suite
+test: lint llama-cpp browser jemalloc  ## lint, llama.cpp (built once per machine), Chromium, then the whole suite
 	$(BIN)/python -m pytest -q -n auto --dist loadscope --durations=15  # one worker per core; a module's tests stay together
 
 test-fast: $(STAMP)  ## unit tests only
@@ -32,6 +32,14 @@ llama-cpp: $(STAMP)
 browser:
 	@test -x /usr/bin/chromium || { sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+# Debian's jemalloc, which the `loralab` command preloads (src/util/allocator.py: less peak memory).
+# Best effort: without it (no apt, no root) loralab runs on glibc's malloc.
+jemalloc:
+	@test -e /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 || { sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  install="$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libjemalloc2"; \
+	  { $$install || { $$sudo apt-get update -qq && $$install; }; } >/dev/null 2>&1 \
+	  || echo "jemalloc not installed (apt-get install libjemalloc2 failed): loralab uses glibc's malloc"; }
 
 # Re-installs only when requirements.txt or pyproject.toml change.
 $(STAMP): requirements.txt pyproject.toml

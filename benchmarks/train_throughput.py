@@ -1,6 +1,6 @@
 """Training throughput: loralab against the recipes its users would otherwise run, in one run.
 
-    python benchmarks/train_throughput.py               # 2 baselines + loralab, 3 seeds: ~15 min (2-core AVX2)
+    python benchmarks/train_throughput.py               # 2 baselines + 2 loralab paths, 3 seeds: ~20 min (2-core AVX2)
     python benchmarks/train_throughput.py --seeds 42    # one seed: about a third of that
     python benchmarks/train_throughput.py --ablation    # + each loralab technique alone and combined
 
@@ -15,7 +15,10 @@ The baselines, each in its best documented CPU configuration for the CPU at hand
     logits, bf16 as in (a);
 (c) loralab default: `loralab.training.recipe.train` with the default config, i.e. the committed
     training path (bf16 autocast and bf16 frozen weights only with native bf16, length-bucketed
-    batches, the output head only at answer positions).
+    batches, the output head only at answer positions and its loss chunk by chunk, LoRA layers that
+    read one input sharing its dropout mask and A matmul, eager attention where it computes in bf16);
+(d) loralab previous default: (c) without the last three (issue 14's paths), as the default was
+    before them, so that their gain is visible.
 Same bundled model, same first N training examples of data/train_split.json tokenized once by
 loralab's chat encoding (so every path sees the same tokens), same LoRA config (r=8, alpha=16,
 dropout 0.05, q/k/v/o), learning rate, cosine schedule with the same warmup, weight decay, gradient
@@ -43,7 +46,8 @@ embedding and head, and N_lora adapter parameters:
   + 4 V d A        output head at the answer positions only: forward + input gradient
 
 Timings on a shared 2-core CPU are noisy: compare the ratios printed by one run, with nothing else
-running. Results go to benchmarks/results/train_throughput_<cpu class>.json and .md; the JSON
+running. Results go to benchmarks/results/train_throughput_<cpu class>.json and .md (with --ablation:
+train_throughput_<cpu class>_ablation.json and .md); the JSON
 records the CPU model and its AVX2 / AVX-512 / bf16 / AMX flags.
 """
 
@@ -64,22 +68,36 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
-TRAINER, TRL, DEFAULT = "Trainer + PEFT", "TRL SFTTrainer", "loralab default"
+TRAINER, TRL, PREVIOUS, DEFAULT = "Trainer + PEFT", "TRL SFTTrainer", "loralab previous default", "loralab default"
 BASELINES = (TRAINER, TRL)
+ALLOCATOR = "allocator"  # not a config key: "system" runs a loralab path without the jemalloc `loralab` preloads
+# The speed paths added for issue 14, each switched off: what the default trained with before them.
+NEW_PATHS_OFF = {"train.fused_lora": False, "train.chunked_loss": False, "train.attention": "sdpa"}
 ALL_OFF = {
     "model.precision": "fp32",
     "model.frozen_dtype": "fp32",
     "train.length_bucketing": False,
     "train.answer_only_logits": False,
+    **NEW_PATHS_OFF,
 }
 # loralab's ablation: name -> config overrides of loralab's default config
 ABLATION = {
     "loralab, every technique off": ALL_OFF,
     "+ length bucketing alone": {**ALL_OFF, "train.length_bucketing": True},
     "+ answer-only logits alone": {**ALL_OFF, "train.answer_only_logits": True},
+    "+ answer-only logits, chunked loss": {**ALL_OFF, "train.answer_only_logits": True, "train.chunked_loss": True},
+    "+ fused LoRA inputs alone": {**ALL_OFF, "train.fused_lora": True},
     "+ bf16 autocast alone": {**ALL_OFF, "model.precision": "bf16"},
     "+ bf16 autocast and bf16 frozen weights": {**ALL_OFF, "model.precision": "bf16", "model.frozen_dtype": "bf16"},
+    "+ bf16 autocast, bf16 weights, eager attention": {**ALL_OFF, "model.precision": "bf16", "model.frozen_dtype": "bf16",
+                                                      "train.attention": "eager"},
+    "default, sdpa attention": {"train.attention": "sdpa"},
+    "default, eager attention": {"train.attention": "eager"},
+    "default + checkpointing every 2nd layer": {"model.gradient_checkpointing": True,
+                                                "model.checkpoint_every_n_layers": 2},
+    "default + checkpointing every layer": {"model.gradient_checkpointing": True},
     "default + torch.compile": {"train.compile": True},
+    "default, glibc malloc": {ALLOCATOR: "system"},
 }
 
 
@@ -201,7 +219,9 @@ def _timed(fn) -> float:
 
 
 def _result(cfg, loaded, encoded, model, eval_rows, wall: float, compute_dtype: str) -> dict:
-    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "compute_dtype": compute_dtype,
+    from loralab.util.allocator import allocator_in_use
+
+    return {"wall_s": wall, "peak_rss_mb": _peak_rss_mb(), "compute_dtype": compute_dtype, "allocator": allocator_in_use(),
             "eval_loss": _eval_loss(cfg, model, loaded.tokenizer, eval_rows), **_workload(loaded, encoded, model)}
 
 
@@ -257,13 +277,25 @@ def matmul_peak_gflops(seconds_per_shape: float = 1.0) -> dict:
     return out
 
 
+def _child_env(path: str, overrides: dict) -> dict:
+    """The baselines run as their users run them; loralab's paths as the `loralab` command runs them
+    (jemalloc preloaded where installed, src/util/allocator.py) unless the path asks for glibc's malloc."""
+    from loralab.util.allocator import ENV, jemalloc_library, preload_env
+
+    env = {k: v for k, v in os.environ.items() if k != ENV} | {"HF_HUB_OFFLINE": "1"}
+    if path in BASELINES or overrides.get(ALLOCATOR) == "system":
+        return env
+    return preload_env(env, jemalloc_library()) or env
+
+
 def _run_child(path: str, overrides: dict, seed: int, args) -> dict:
-    command = [sys.executable, __file__, "--path", path, "--overrides", json.dumps(overrides), "--seed", str(seed),
-               "--examples", str(args.examples), "--batch-size", str(args.batch_size)]
-    out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    config_overrides = {k: v for k, v in overrides.items() if k != ALLOCATOR}
+    command = [sys.executable, __file__, "--path", path, "--overrides", json.dumps(config_overrides), "--seed",
+               str(seed), "--examples", str(args.examples), "--batch-size", str(args.batch_size)]
+    out = subprocess.run(command, capture_output=True, text=True, env=_child_env(path, overrides))
     line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
-        if path in (*BASELINES, DEFAULT):  # the paths the ratios need
+        if path in (*BASELINES, PREVIOUS, DEFAULT):  # the paths the ratios need
             sys.exit(f"{path} (seed {seed}) failed:\n{out.stderr[-3000:]}")
         print(f"  failed (recorded, the others go on): {out.stderr.strip().splitlines()[-1:]}", flush=True)
         return {"error": out.stderr[-2000:]}
@@ -340,7 +372,7 @@ def main() -> None:
     print(f"CPU: {cpu['cpu']}, {cpu['cores']} cores, class {cpu['class']}; measuring the matmul peak ...", flush=True)
     peak = matmul_peak_gflops()
     print(f"matmul peak: {peak['float32']} GFLOP/s fp32, {peak['bfloat16']} GFLOP/s bf16", flush=True)
-    paths = {TRAINER: {}, TRL: {}, DEFAULT: {}, **(ABLATION if args.ablation else {})}
+    paths = {TRAINER: {}, TRL: {}, PREVIOUS: NEW_PATHS_OFF, DEFAULT: {}, **(ABLATION if args.ablation else {})}
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for seed in args.seeds:
         for name, overrides in paths.items():
@@ -354,6 +386,9 @@ def main() -> None:
               f"tokens per run ({first['answer_tokens']} answer tokens); CPU {cpu['cpu']} ({cpu['class']}, "
               f"{cpu['cores']} cores); matmul peak {peak['float32']} fp32 / {peak['bfloat16']} bf16 GFLOP/s")
     table, targets = _table(results, best), _targets(results[DEFAULT], best)
+    targets += (f"; loralab default vs its previous default: "
+                f"{results[DEFAULT]['tokens_per_s'] / results[PREVIOUS]['tokens_per_s']:.2f}x tokens/s, "
+                f"{results[DEFAULT]['peak_rss_mb'] / results[PREVIOUS]['peak_rss_mb']:.2f}x peak RSS")
     print("\n" + header + "\n" + "\n".join(table) + "\n\n" + targets)
     _write(args, cpu, peak, best, results, failed, header, table, targets)
 
@@ -364,12 +399,13 @@ def _write(args, cpu: dict, peak: dict, best: str, results: dict, failed: dict, 
 
     command = ("python benchmarks/train_throughput.py" + (" --ablation" if args.ablation else "")
                + f" --examples {args.examples} --seeds {' '.join(map(str, args.seeds))}")
-    stem = RESULTS_DIR / f"train_throughput_{cpu['class']}"
+    stem = RESULTS_DIR / (f"train_throughput_{cpu['class']}" + ("_ablation" if args.ablation else ""))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     record = {"command": command, "examples": args.examples, "batch_size": args.batch_size, "seeds": args.seeds,
               "cpu": cpu, "matmul_peak_gflops": peak, "best_baseline": best,
               "header": header, "table": table, "targets": targets,  # as printed; loralab analysis quotes them
-              "overrides": {name: ABLATION.get(name, {}) for name in results if name not in BASELINES},
+              "overrides": {name: {PREVIOUS: NEW_PATHS_OFF, **ABLATION}.get(name, {}) for name in results
+                            if name not in BASELINES},
               "results": results, "failed": failed, "provenance": provenance.record(None, command)}
     stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     stem.with_suffix(".md").write_text(f"Written by `{command}`.\n\n{header}\n\n" + "\n".join(table)

@@ -410,5 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
 
 
+def entry() -> None:
+    """The `loralab` console command: main() under jemalloc where the machine has it (util/allocator.py)."""
+    from loralab.util.allocator import reexec_with_jemalloc
+
+    reexec_with_jemalloc(["-m", "loralab", *sys.argv[1:]])
+    sys.exit(main())
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -43,6 +43,7 @@ PruneSource = Literal["merged", "base"]
 ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_0", "gguf-lora"]
 # Experiment trackers a training run can also log to (src/training/tracking.py, docs/tracking.md).
 Tracker = Literal["tensorboard", "mlflow"]
+Attention = Literal["auto", "sdpa", "eager"]
 
 # Presets ship inside the package (src/presets/), so `--quick` works from any install and any folder.
 PRESETS = files("loralab") / "presets"
@@ -150,6 +151,9 @@ class ModelConfig(Section):
     # (QLoRA with nf4). Needs `pip install bitsandbytes==0.50.2` (its CPU backend trains on this machine).
     quantize_base: QuantizedBase = "none"
     gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)  # recomputes, same result
+    # With gradient_checkpointing: recompute every n-th decoder layer only (2: about half the memory
+    # saved for about half the extra time; benchmarks/train_throughput.py --ablation measures both).
+    checkpoint_every_n_layers: int = field(default=1, metadata=NOT_IDENTITY)
 
 
 @dataclass
@@ -199,8 +203,17 @@ class TrainConfig(Section):
     length_bucketing: bool = True  # batch examples of similar length together (less padding: other batches)
     # Apply the output head only where the next token is labelled: the same loss, faster.
     answer_only_logits: bool = field(default=True, metadata=NOT_IDENTITY)
+    # With answer_only_logits: the head and loss chunk by chunk, logits recomputed in the backward
+    # (training/chunked_ce.py): the same loss, ~120 MB less held at batch 8.
+    chunked_loss: bool = field(default=True, metadata=NOT_IDENTITY)
     # torch.compile the decoder (dynamic shapes); pays off only on long runs.
     compile: bool = field(default=False, metadata=NOT_IDENTITY)
+    # transformers' attention kernel; auto: eager where training computes in bf16 on a CPU, else sdpa
+    # (training/attention.py has the measurement). The same attention, other rounding.
+    attention: Attention = field(default="auto", metadata=NOT_IDENTITY)
+    # LoRA layers that read one input (q/k/v, gate/up) share its dropout mask and one A matmul
+    # (training/fused_lora.py); the adapter is the same PEFT adapter. Off: PEFT's independent masks.
+    fused_lora: bool = True
     # Experiment tracking (docs/tracking.md): [] logs to no tracker; tune, compare and domains log each
     # run as a nested run of the study. Where a run logs never changes what it learns: not identity.
     report_to: list[Tracker] = field(default_factory=list, metadata=NOT_IDENTITY)

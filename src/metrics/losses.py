@@ -21,16 +21,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per labelled token: (negative log-likelihood, index of its row in the batch)."""
+def answer_hidden(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """(hidden states whose next token is labelled, those next tokens, their rows in the batch, the output head)."""
     lm = _unwrap(model)
     decoder = getattr(lm, lm.base_model_prefix)
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     selected = targets != IGNORE_INDEX
-    logits = lm.get_output_embeddings()(hidden[:, :-1][selected]).float()
-    rows = selected.nonzero()[:, 0]
-    return F.cross_entropy(logits, targets[selected], reduction="none"), rows
+    return hidden[:, :-1][selected], targets[selected], selected.nonzero()[:, 0], lm.get_output_embeddings()
+
+
+def answer_token_nll(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per labelled token: (negative log-likelihood, index of its row in the batch)."""
+    hidden, targets, rows, head = answer_hidden(model, batch)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none"), rows
 
 
 def answer_nll_fast(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -45,6 +45,7 @@ from loralab.model_utils import (
     save_adapter,
     save_full_model,
 )
+from loralab.training.attention import resolve_attention, use_attention
 from loralab.training.batching import BUCKET_FACTOR, BatchPlan, encode_rows, plan_batches, steps_per_epoch
 from loralab.training.checkpoint import (
     list_checkpoints,
@@ -53,14 +54,17 @@ from loralab.training.checkpoint import (
     resume_fingerprint,
     save_checkpoint,
 )
+from loralab.training.chunked_ce import answer_nll_chunked
 from loralab.training.distributed import DataParallel
 from loralab.training.distributed import setup as setup_data_parallel
 from loralab.training.eval_loss import answer_loss_sums, mean_answer_loss
+from loralab.training.fused_lora import fuse_lora_layers
 from loralab.training.log import TrainLog, peak_rss_mb, plot_losses
 from loralab.training.numerics import hold_frozen_weights_in, resolve_frozen_dtype
 from loralab.training.stop import StopRequest
 from loralab.training.tracking import Tracker, TrackingContext, open_run, require_trackers
 from loralab.util import atomic_io, provenance
+from loralab.util.allocator import allocator_in_use
 from loralab.util.errors import LoralabError
 
 # Re-exported while callers move to the modules above (training/batching, log, checkpoint, numerics, eval_loss, stop).
@@ -177,6 +181,7 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: Trac
     global_batch = t.batch_size * dp.world_size  # examples per micro-batch, all ranks together
     per_epoch = steps_per_epoch(len(train_examples), global_batch, t.gradient_accumulation)
     total_steps = t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * per_epoch))
+    use_attention(loaded.model, resolve_attention(t.attention, dp.device, amp_dtype))
     model = _prepare_model(loaded.model, cfg, dp, total_steps, frozen_dtype)
     plan = plan_batches([len(e.input_ids) for e in train_examples], global_batch, t.gradient_accumulation, total_steps,
                         t.seed, bucket_factor=BUCKET_FACTOR if t.length_bucketing else 1)
@@ -194,7 +199,7 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: Trac
         cfg=cfg, method=method, dp=dp, amp_dtype=amp_dtype, frozen_dtype=frozen_dtype, model=model,
         tokenizer=loaded.tokenizer, base_name=loaded.base_name, base_local_dir=loaded.local_dir,
         train_examples=train_examples, eval_examples=eval_examples, plan=plan, total_steps=total_steps,
-        steps_per_epoch=per_epoch, answer_nll=answer_nll_fast if t.answer_only_logits else answer_nll_plain,
+        steps_per_epoch=per_epoch, answer_nll=_answer_nll(t),
         trainable_params=[p for p in model.parameters() if p.requires_grad], n_trainable=n_trainable, n_total=n_total,
         optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, initial_adapter=initial_adapter,
         start_step=start_step, fingerprint=resume_fingerprint(cfg, dp.world_size),
@@ -205,6 +210,12 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: Trac
     if not state.quiet:
         print(_describe(state), flush=True)
     return state
+
+
+def _answer_nll(t: TrainConfig) -> Callable:
+    if not t.answer_only_logits:
+        return answer_nll_plain
+    return answer_nll_chunked if t.chunked_loss else answer_nll_fast
 
 
 def _check_train_settings(t: TrainConfig) -> None:
@@ -220,12 +231,14 @@ def _prepare_model(base: torch.nn.Module, cfg: Config, dp: DataParallel, total_s
     torch.manual_seed(cfg.train.seed)  # the same adapter initialisation on every rank
     model = attach_lora(base, cfg.lora, total_steps)
     hold_frozen_weights_in(model, frozen_dtype)
+    if cfg.train.fused_lora:
+        fuse_lora_layers(model)
     if dp.active:  # from here on the RNG only draws dropout masks: different on each rank, as across examples
         torch.manual_seed(cfg.train.seed * 1_000_003 + dp.rank)
     # Whole-model methods (lora.method=full) have no PEFT wrapper.
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     if cfg.model.gradient_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=cfg.model.checkpoint_every_n_layers)
     if cfg.train.compile:
         getattr(lm, lm.base_model_prefix).compile(dynamic=True)
     model.train()
@@ -453,6 +466,7 @@ def training_args(state: TrainState, outcome: LoopOutcome, entries: list[dict]) 
         "data_parallel_processes": state.dp.world_size,
         "autocast": str(state.amp_dtype) if state.amp_dtype else "fp32",
         "frozen_weights_dtype": str(state.frozen_dtype),
+        "allocator": allocator_in_use(),  # jemalloc under the `loralab` command where installed (util/allocator.py)
         "versions": _versions(),
         "provenance": provenance.record(None),  # None: the resolved config is "config" above
     }
