@@ -72,7 +72,7 @@ TRAINER, TRL, PREVIOUS, DEFAULT = "Trainer + PEFT", "TRL SFTTrainer", "loralab p
 BASELINES = (TRAINER, TRL)
 ALLOCATOR = "allocator"  # not a config key: "system" runs a loralab path without the jemalloc `loralab` preloads
 # The speed paths added for issue 14, each switched off: what the default trained with before them.
-NEW_PATHS_OFF = {"train.fused_lora": False, "train.chunked_loss": False, "train.attention": "sdpa"}
+NEW_PATHS_OFF = {"train.fused_lora": False, "train.answer_loss": "whole", "train.attention": "sdpa"}
 ALL_OFF = {
     "model.precision": "fp32",
     "model.frozen_dtype": "fp32",
@@ -85,7 +85,7 @@ ABLATION = {
     "loralab, every technique off": ALL_OFF,
     "+ length bucketing alone": {**ALL_OFF, "train.length_bucketing": True},
     "+ answer-only logits alone": {**ALL_OFF, "train.answer_only_logits": True},
-    "+ answer-only logits, chunked loss": {**ALL_OFF, "train.answer_only_logits": True, "train.chunked_loss": True},
+    "+ answer-only logits, chunked loss": {**ALL_OFF, "train.answer_only_logits": True, "train.answer_loss": "chunked"},
     "+ fused LoRA inputs alone": {**ALL_OFF, "train.fused_lora": True},
     "+ bf16 autocast alone": {**ALL_OFF, "model.precision": "bf16"},
     "+ bf16 autocast and bf16 frozen weights": {**ALL_OFF, "model.precision": "bf16", "model.frozen_dtype": "bf16"},

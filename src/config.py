@@ -44,6 +44,7 @@ ExportFormat = Literal["merged", "gguf-f16", "gguf-q8_0", "gguf-q4_1", "gguf-q4_
 # Experiment trackers a training run can also log to (src/training/tracking.py, docs/tracking.md).
 Tracker = Literal["tensorboard", "mlflow"]
 Attention = Literal["auto", "sdpa", "eager"]
+AnswerLoss = Literal["auto", "chunked", "whole"]
 
 # Presets ship inside the package (src/presets/), so `--quick` works from any install and any folder.
 PRESETS = files("loralab") / "presets"
@@ -203,9 +204,10 @@ class TrainConfig(Section):
     length_bucketing: bool = True  # batch examples of similar length together (less padding: other batches)
     # Apply the output head only where the next token is labelled: the same loss, faster.
     answer_only_logits: bool = field(default=True, metadata=NOT_IDENTITY)
-    # With answer_only_logits: the head and loss chunk by chunk, logits recomputed in the backward
-    # (training/chunked_ce.py): the same loss, ~120 MB less held at batch 8.
-    chunked_loss: bool = field(default=True, metadata=NOT_IDENTITY)
+    # With answer_only_logits, how the head and loss run over the answer positions: chunked (logits
+    # recomputed in the backward, training/chunked_ce.py: the same loss, ~100 MB less held at batch 8)
+    # or whole; auto: chunked where training computes in bf16 (in fp32 the recompute cost speed).
+    answer_loss: AnswerLoss = field(default="auto", metadata=NOT_IDENTITY)
     # torch.compile the decoder (dynamic shapes); pays off only on long runs.
     compile: bool = field(default=False, metadata=NOT_IDENTITY)
     # transformers' attention kernel; auto: eager where training computes in bf16 on a CPU, else sdpa

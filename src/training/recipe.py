@@ -199,7 +199,7 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: Trac
         cfg=cfg, method=method, dp=dp, amp_dtype=amp_dtype, frozen_dtype=frozen_dtype, model=model,
         tokenizer=loaded.tokenizer, base_name=loaded.base_name, base_local_dir=loaded.local_dir,
         train_examples=train_examples, eval_examples=eval_examples, plan=plan, total_steps=total_steps,
-        steps_per_epoch=per_epoch, answer_nll=_answer_nll(t),
+        steps_per_epoch=per_epoch, answer_nll=_answer_nll(t, amp_dtype),
         trainable_params=[p for p in model.parameters() if p.requires_grad], n_trainable=n_trainable, n_total=n_total,
         optimizer=optimizer, scheduler=scheduler, run_dir=run_dir, initial_adapter=initial_adapter,
         start_step=start_step, fingerprint=resume_fingerprint(cfg, dp.world_size),
@@ -212,10 +212,11 @@ def setup(cfg: Config, resume: bool = False, quiet: bool = False, tracking: Trac
     return state
 
 
-def _answer_nll(t: TrainConfig) -> Callable:
+def _answer_nll(t: TrainConfig, amp_dtype: torch.dtype | None) -> Callable:
     if not t.answer_only_logits:
         return answer_nll_plain
-    return answer_nll_chunked if t.chunked_loss else answer_nll_fast
+    chunked = t.answer_loss == "chunked" or (t.answer_loss == "auto" and amp_dtype == torch.bfloat16)
+    return answer_nll_chunked if chunked else answer_nll_fast
 
 
 def _check_train_settings(t: TrainConfig) -> None:

@@ -130,6 +130,16 @@ def test_attention_is_chosen_per_compute_dtype():
         resolve_attention("flash", cpu, None)
 
 
+def test_the_chunked_loss_is_chosen_where_training_computes_in_bf16():
+    from loralab.config import TrainConfig
+    from loralab.training.recipe import _answer_nll
+
+    assert _answer_nll(TrainConfig(), torch.bfloat16) is chunked_ce.answer_nll_chunked
+    assert _answer_nll(TrainConfig(), None) is answer_nll_fast
+    assert _answer_nll(TrainConfig(answer_loss="chunked"), None) is chunked_ce.answer_nll_chunked
+    assert _answer_nll(TrainConfig(answer_loss="whole"), torch.bfloat16) is answer_nll_fast
+
+
 def test_eager_and_sdpa_attention_give_the_same_loss(tiny_llama_dir, tiny_config):
     model, tokenizer = _lora_model(tiny_llama_dir, targets="auto")
     batch = _batch(tokenizer, tiny_config)
@@ -141,7 +151,8 @@ def test_eager_and_sdpa_attention_give_the_same_loss(tiny_llama_dir, tiny_config
 
 
 @pytest.mark.parametrize("overrides", [
-    {"fused_lora": False, "chunked_loss": False, "attention": "sdpa"},
+    {"fused_lora": False, "answer_loss": "whole", "attention": "sdpa"},
+    {"answer_loss": "whole"}, {"answer_loss": "chunked"},  # one of the two is not the default on any CPU
     {"checkpoint": 2},
 ])
 def test_each_speed_path_trains_the_same_first_step(overrides, tiny_config):
