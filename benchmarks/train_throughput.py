@@ -370,14 +370,19 @@ def main() -> None:
 
     cpu = cpu_profile()
     print(f"CPU: {cpu['cpu']}, {cpu['cores']} cores, class {cpu['class']}; measuring the matmul peak ...", flush=True)
-    peak = matmul_peak_gflops()
-    print(f"matmul peak: {peak['float32']} GFLOP/s fp32, {peak['bfloat16']} GFLOP/s bf16", flush=True)
+    before = matmul_peak_gflops()
+    print(f"matmul peak: {before['float32']} GFLOP/s fp32, {before['bfloat16']} GFLOP/s bf16", flush=True)
     paths = {TRAINER: {}, TRL: {}, PREVIOUS: NEW_PATHS_OFF, DEFAULT: {}, **(ABLATION if args.ablation else {})}
     runs: dict[str, list[dict]] = {name: [] for name in paths}
     for seed in args.seeds:
         for name, overrides in paths.items():
             print(f"seed {seed}: {name} ...", flush=True)
             runs[name].append(_run_child(name, overrides, seed, args))
+    # Measured again after the runs, and the higher of the two kept: one short measurement disturbed by the
+    # machine (a noisy neighbour on a shared host) would otherwise understate the peak and overstate every MFU.
+    after = matmul_peak_gflops()
+    peak = {dtype: max(before[dtype], after[dtype]) for dtype in before}
+    print(f"matmul peak after the runs: {after['float32']} fp32, {after['bfloat16']} bf16; kept {peak}", flush=True)
     failed = {name: r for name, r in runs.items() if any("error" in x for x in r)}
     best, results = _with_ratios({name: _summarise(r, peak) for name, r in runs.items() if name not in failed})
 
