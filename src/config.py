@@ -152,9 +152,12 @@ class ModelConfig(Section):
     # (QLoRA with nf4). Needs `pip install bitsandbytes==0.50.2` (its CPU backend trains on this machine).
     quantize_base: QuantizedBase = "none"
     gradient_checkpointing: bool = field(default=False, metadata=NOT_IDENTITY)  # recomputes, same result
-    # With gradient_checkpointing: recompute every n-th decoder layer only (2: about half the memory
-    # saved for about half the extra time; benchmarks/train_throughput.py --ablation measures both).
+    # With gradient_checkpointing: recompute every n-th decoder layer only. On the default step (the
+    # --ablation of benchmarks/train_throughput.py) n=2 kept most of the memory saving and most of the cost.
     checkpoint_every_n_layers: int = field(default=1, metadata=NOT_IDENTITY)
+
+    def check_ranges(self) -> None:
+        self._at_least("checkpoint_every_n_layers", 1)
 
 
 @dataclass

@@ -56,8 +56,10 @@ def _throughput(root: Path) -> list[str]:
         data = json.loads(path.read_text())
         cpu, peak = data["cpu"], data["matmul_peak_gflops"]
         classes.append(cpu["class"])
+        kind = " (ablation)" if path.stem.endswith("_ablation") else ""
+        stale = [f"**Stale**: {data['stale']}.", ""] if data.get("stale") else []
         lines += [
-            f"### CPU class {cpu['class']}: {cpu['cpu']}, {cpu['cores']} cores", "",
+            f"### CPU class {cpu['class']}{kind}: {cpu['cpu']}, {cpu['cores']} cores", "", *stale,
             f"Command: `{data['command']}`; raw results: `{path.relative_to(root)}`. Matmul peak measured in the same "
             f"run: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} bf16; MFU is over the peak of the dtype "
             "each path computes in. Ratios are to the best baseline.", "",

@@ -6,7 +6,7 @@ and again as the log-softmax output (about 120 MB of the 1.1 GB saved for a batc
 in the default training step). Here the head and the loss run chunk by chunk of answer tokens and the
 backward recomputes each chunk's logits (Liger's and unsloth's fused linear cross-entropy, in plain
 PyTorch): only the hidden states are saved. The loss and gradients are
-those of the plain head + cross_entropy (tests/training/test_chunked_ce.py); the price is one more
+those of the plain head + cross_entropy (tests/training/test_speed_paths.py); the price is one more
 head matmul at the answer positions in the backward.
 """
 

@@ -13,7 +13,7 @@ matmul. Here:
 - each layer then adds its own B(...) * scaling to the frozen layer's output, as PEFT does.
 What differs from PEFT: the layers of a group see one dropout mask instead of independent ones (the
 same rate, so the same expected regularisation), and the masks come from another random stream.
-Without dropout, or in eval mode, the output equals PEFT's (tests/training/test_fused_lora.py). The
+Without dropout, or in eval mode, the output equals PEFT's (tests/training/test_speed_paths.py). The
 weights, their names and what PEFT saves are unchanged: the adapter loads in plain PEFT.
 
 Only vanilla LoRA Linear layers (no DoRA or other variant, one active adapter, unmerged, no bias in

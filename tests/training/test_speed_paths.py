@@ -176,3 +176,10 @@ def test_each_speed_path_trains_the_same_first_step(overrides, tiny_config):
     assert loss_default == pytest.approx(loss_other, rel=1e-5)
     for a, b in zip(params_default, params_other):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpointing_every_zero_layers_is_refused_at_load():
+    from loralab.config import load_config
+
+    with pytest.raises(LoralabError, match="model.checkpoint_every_n_layers"):
+        load_config(overrides=["model.checkpoint_every_n_layers=0"])
