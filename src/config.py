@@ -208,7 +208,7 @@ class TrainConfig(Section):
     # Apply the output head only where the next token is labelled: the same loss, faster.
     answer_only_logits: bool = field(default=True, metadata=NOT_IDENTITY)
     # With answer_only_logits, how the head and loss run over the answer positions: chunked (logits
-    # recomputed in the backward, training/chunked_ce.py: the same loss, ~100 MB less held at batch 8)
+    # recomputed in the backward, training/chunked_ce.py: the same loss, less memory held)
     # or whole; auto: chunked where training computes in bf16 (in fp32 the recompute cost speed).
     answer_loss: AnswerLoss = field(default="auto", metadata=NOT_IDENTITY)
     # torch.compile the decoder (dynamic shapes); pays off only on long runs.

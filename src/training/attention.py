@@ -1,10 +1,11 @@
 """Which attention kernel trains fastest here: chosen per CPU class, since the answer differs.
 
-Measured on this model's shapes (batch 8, 80 tokens, 9 query / 3 key-value heads of 64; forward and
-backward; benchmarks/train_throughput.py --ablation has the end-to-end figure): in bf16, PyTorch's
-CPU flash-attention kernel (what transformers' "sdpa" runs) took 11.9 ms against 5.0 ms for
-transformers' "eager" (two batched matmuls, softmax in fp32); in fp32 sdpa was the faster (5.7 against
-8.1 ms). Short sequences are the common case for instruction data, where the flash kernel's blocking
+A hand microbenchmark on this model's shapes (batch 8, 80 tokens, 9 query / 3 key-value heads of 64;
+forward and backward; not committed) found PyTorch's CPU flash-attention kernel (what transformers'
+"sdpa" runs) more than twice as slow as transformers' "eager" (two batched matmuls, softmax in fp32)
+in bf16, and the faster of the two in fp32. The figure of record is end to end: the "default, sdpa
+attention" row of `python benchmarks/train_throughput.py --ablation`.
+Short sequences are the common case for instruction data, where the flash kernel's blocking
 does not pay. Both compute the same attention; only the rounding differs.
 """
 

@@ -2,8 +2,9 @@
 
 answer_nll_fast (metrics/losses.py) already applies the output head at answer positions only, but
 autograd still keeps those positions' logits for the backward: answers x 49k vocabulary, in fp32
-and again as the log-softmax output (about 120 MB of the 1.1 GB saved for a batch of 8 x 112 tokens
-in the default training step). Here the head and the loss run chunk by chunk of answer tokens and the
+and again as the log-softmax output (a tenth of what the default step saves for backward, in a hand
+measurement that is not committed; `python benchmarks/memory_breakdown.py` measures activations).
+Here the head and the loss run chunk by chunk of answer tokens and the
 backward recomputes each chunk's logits (Liger's and unsloth's fused linear cross-entropy, in plain
 PyTorch): only the hidden states are saved. The loss and gradients are
 those of the plain head + cross_entropy (tests/training/test_speed_paths.py); the price is one more

@@ -1,8 +1,9 @@
 """loralab's forward for plain LoRA layers: a cheaper dropout, and one cast, mask and A matmul per input.
 
-A profile of the default training step (q/k/v/o, r=8, batch 8, bf16 autocast, AVX-512 CPU) put 13 %
-of the step in `bernoulli_` (PEFT's LoRA dropout: PyTorch's CPU generator is serial) and ~3 % in
-casts. PEFT treats each LoRA layer alone: it casts the layer's input to fp32, draws a dropout mask
+A hand profile of the default training step (q/k/v/o, r=8, batch 8, bf16 autocast, AVX-512 CPU; not
+committed) found its largest cost after the matmuls in `bernoulli_` (PEFT's LoRA dropout: PyTorch's
+CPU generator is serial), and more in casts; `benchmarks/train_throughput.py --ablation` measures the
+effect end to end. PEFT treats each LoRA layer alone: it casts the layer's input to fp32, draws a dropout mask
 of the input's size, saves that mask as an fp32 tensor for the backward, and runs its own thin A
 matmul. Here:
 - layers that read the same input tensor (q/k/v_proj, gate/up_proj) form a group: the first one

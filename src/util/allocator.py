@@ -1,11 +1,11 @@
 """jemalloc under the `loralab` command, where the machine has it: a fifth less peak memory in training.
 
-Measured on the default training step (benchmarks/train_throughput.py --ablation has the figure of
-record): glibc's malloc keeps freed activation buffers of a step in its arenas, so peak RSS grows
-with fragmentation; with jemalloc preloaded the same run peaked at 1,786 MB instead of 2,189 MB, at
-the same speed within noise (AVX-512 CPU, 2 cores). glibc's own knobs did not get there: a fixed
-mmap threshold halved the speed (a page fault per large tensor), malloc_trim after each step saved
-a quarter as much. An allocator can only be chosen before the process starts, so the console entry
+glibc's malloc keeps freed activation buffers of a step in its arenas, so peak RSS grows with
+fragmentation; the "default, glibc malloc" row of `python benchmarks/train_throughput.py --ablation`
+against its default row measures what jemalloc saves. glibc's own knobs, tried by hand (not
+committed), did not get there: a fixed mmap threshold halved the speed (a page fault per large
+tensor), and malloc_trim after each step saved far less.
+An allocator can only be chosen before the process starts, so the console entry
 point re-executes itself once with LD_PRELOAD set, as PyTorch's own CPU launcher
 (`torch.backends.xeon.run_cpu`) does. LORALAB_ALLOCATOR=system keeps glibc's malloc; library calls
 (`from loralab... import train`) are never affected.
