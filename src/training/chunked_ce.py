@@ -25,9 +25,11 @@ class _ChunkedHeadNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype):
         nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        head = weight.to(dtype)  # cast once, not per chunk (a copy of the whole head when the weights are fp32)
         for start in range(0, len(targets), CHUNK_ROWS):  # torch's log_softmax kernel: far faster than logsumexp
-            log_probs = torch.log_softmax(_logits(hidden[start:start + CHUNK_ROWS], weight, dtype), dim=-1)
-            nll[start:start + CHUNK_ROWS] = -log_probs.gather(1, targets[start:start + CHUNK_ROWS, None])[:, 0]
+            end = start + CHUNK_ROWS
+            log_probs = torch.log_softmax(_logits(hidden[start:end], head), dim=-1)
+            nll[start:end] = -log_probs.gather(1, targets[start:end, None])[:, 0]
         ctx.dtype = dtype
         ctx.save_for_backward(hidden, weight, targets)
         return nll
@@ -38,23 +40,24 @@ class _ChunkedHeadNLL(torch.autograd.Function):
         needs_hidden, needs_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        head = weight.to(ctx.dtype)
         for start in range(0, len(targets), CHUNK_ROWS):
             end = start + CHUNK_ROWS
             # d nll / d logits = softmax - onehot(target), times the incoming gradient of each token's nll
-            grad_logits = torch.softmax(_logits(hidden[start:end], weight, ctx.dtype), dim=-1)
+            grad_logits = torch.softmax(_logits(hidden[start:end], head), dim=-1)
             minus_one = torch.full((len(targets[start:end]), 1), -1.0, device=hidden.device)
             grad_logits.scatter_add_(1, targets[start:end, None], minus_one)
             grad_logits = (grad_logits * grad_nll[start:end, None]).to(ctx.dtype)
             if needs_hidden:
-                grad_hidden[start:end] = grad_logits @ weight.to(ctx.dtype)
+                grad_hidden[start:end] = grad_logits @ head
             if needs_weight:
                 grad_weight += grad_logits.T.float() @ hidden[start:end].to(ctx.dtype).float()
         return grad_hidden, (grad_weight.to(weight.dtype) if needs_weight else None), None, None
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The head's logits in `dtype` (what autocast would compute them in), then fp32 for the softmax."""
-    return (hidden.to(dtype) @ weight.to(dtype).T).float()
+def _logits(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The logits in the head's dtype (what autocast would compute them in), then fp32 for the softmax."""
+    return (hidden.to(head.dtype) @ head.T).float()
 
 
 def answer_nll_chunked(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

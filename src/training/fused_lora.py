@@ -82,11 +82,15 @@ def plain_lora_adapter(layer: torch.nn.Module) -> str | None:
     return name
 
 
-def _dropout_rate(layer: torch.nn.Module, adapter: str) -> float | None:
+def _settings(layer: torch.nn.Module | None) -> tuple[str, float] | None:
+    """(adapter, dropout rate) of a plain LoRA layer whose dropout this module knows; None for any other module."""
+    adapter = plain_lora_adapter(layer) if layer is not None else None
+    if adapter is None:
+        return None
     dropout = layer.lora_dropout[adapter]
     if isinstance(dropout, torch.nn.Dropout):
-        return dropout.p
-    return 0.0 if isinstance(dropout, torch.nn.Identity) else None  # None: a dropout this module does not know
+        return adapter, dropout.p
+    return (adapter, 0.0) if isinstance(dropout, torch.nn.Identity) else None
 
 
 def _grouped_forward(layer: torch.nn.Module, group: SharedInputGroup, index: int):
@@ -103,43 +107,29 @@ def _grouped_forward(layer: torch.nn.Module, group: SharedInputGroup, index: int
     return forward
 
 
-def _groups(model: torch.nn.Module) -> list[list[torch.nn.Module]]:
-    """Plain LoRA layers, those that share an input together, every other one alone."""
-    grouped: list[list[torch.nn.Module]] = []
+def _groups(model: torch.nn.Module) -> list[tuple[list[torch.nn.Module], str, float]]:
+    """(layers, adapter, dropout rate): siblings that share an input, one adapter and one rate together (one
+    shared mask needs one rate); every other plain LoRA layer alone."""
+    grouped: list[tuple[list[torch.nn.Module], str, float]] = []
     taken: set[int] = set()
     for parent in model.modules():
         for names in SHARED_INPUT_GROUPS:
             layers = [getattr(parent, n, None) for n in names]
-            if all(layer is not None and plain_lora_adapter(layer) for layer in layers):
-                grouped.append(layers)
+            settings = {_settings(layer) for layer in layers}
+            if len(settings) == 1 and None not in settings:
+                grouped.append((layers, *settings.pop()))
                 taken.update(id(layer) for layer in layers)
-    singles = [[m] for m in model.modules() if id(m) not in taken and plain_lora_adapter(m)]
+    singles = [([m], *settings) for m in model.modules()
+               if id(m) not in taken and (settings := _settings(m)) is not None]
     return grouped + singles
 
 
 def fuse_lora_layers(model: torch.nn.Module) -> int:
     """Give every plain LoRA layer of `model` loralab's forward (module docstring); returns the number of
-    groups. A group whose layers differ in adapter name or dropout rate is split into single layers.
-    The forward is replaced on the instances only."""
-    count = 0
-    for layers in _groups(model):
-        adapters = {plain_lora_adapter(layer) for layer in layers}
-        rates = {_dropout_rate(layer, next(iter(adapters))) for layer in layers}
-        if len(adapters) != 1 or len(rates) != 1 or None in rates:
-            if len(layers) > 1:  # mixed settings: each layer on its own
-                count += sum(fuse_lora_layers_alone(layer) for layer in layers)
-            continue
-        group = SharedInputGroup(layers, next(iter(adapters)), rates.pop())
+    groups, single layers included. The forward is replaced on the instances only."""
+    groups = _groups(model)
+    for layers, adapter, rate in groups:
+        group = SharedInputGroup(layers, adapter, rate)
         for index, layer in enumerate(layers):
             layer.forward = _grouped_forward(layer, group, index)  # an instance attribute: nn.Module calls it
-        count += 1
-    return count
-
-
-def fuse_lora_layers_alone(layer: torch.nn.Module) -> int:
-    adapter = plain_lora_adapter(layer)
-    rate = _dropout_rate(layer, adapter) if adapter else None
-    if adapter is None or rate is None:
-        return 0
-    layer.forward = _grouped_forward(layer, SharedInputGroup([layer], adapter, rate), 0)
-    return 1
+    return len(groups)
