@@ -203,13 +203,15 @@ def run_loralab(examples: int, batch_size: int, seed: int, overrides: dict) -> d
     cfg.train.results_dir, cfg.train.plot_loss = str(tmp / "results"), False
     train(cfg, quiet=True)
     peak_rss = _peak_rss_mb()  # before the evaluation below loads a second copy of the model
-    wall = json.loads((tmp / "lora" / "training_args.json").read_text())["train_wall_seconds_this_process"]
+    args = json.loads((tmp / "lora" / "training_args.json").read_text())
     loaded = load_base_model(cfg.model, torch.device("cpu"))
     model = load_adapter(loaded.model, tmp / "lora", trainable=True)  # trainable: _workload counts the adapter
     encoded = encode_rows(loaded.tokenizer, rows, cfg.train.max_length)
     dtype = resolve_autocast_dtype(cfg.model.precision, torch.device("cpu"))
-    result = _result(cfg, loaded, encoded, model, eval_rows, wall, str(dtype or torch.float32).removeprefix("torch."))
-    return {**result, "peak_rss_mb": peak_rss}
+    result = _result(cfg, loaded, encoded, model, eval_rows, args["train_wall_seconds_this_process"],
+                     str(dtype or torch.float32).removeprefix("torch."))
+    # padding_fraction: the share of computed token slots that were padding, the most packing could save
+    return {**result, "peak_rss_mb": peak_rss, "padding_fraction": args["padding_fraction"]}
 
 
 def _timed(fn) -> float:
@@ -388,7 +390,8 @@ def main() -> None:
 
     first = results[DEFAULT]["runs"][0]
     header = (f"{args.examples} examples, batch {args.batch_size}, seeds {args.seeds}, {first['tokens']} non-padding "
-              f"tokens per run ({first['answer_tokens']} answer tokens); CPU {cpu['cpu']} ({cpu['class']}, "
+              f"tokens per run ({first['answer_tokens']} answer tokens; loralab's length-bucketed batches pad "
+              f"{100 * first['padding_fraction']:.1f} %, the most packing could save); CPU {cpu['cpu']} ({cpu['class']}, "
               f"{cpu['cores']} cores); matmul peak {peak['float32']} fp32 / {peak['bfloat16']} bf16 GFLOP/s")
     table, targets = _table(results, best), _targets(results[DEFAULT], best)
     targets += (f"; loralab default vs its previous default: "

@@ -61,5 +61,15 @@ def plan_batches(
     return steps[:total_steps]
 
 
+def padding_fraction(plan: BatchPlan, lengths: list[int]) -> float:
+    """Share of the plan's padded token slots that are padding (each micro-batch padded to its longest
+    example): the most that packing examples into rows could save. Under data parallelism each rank pads
+    its own share, so this is an upper bound there."""
+    micro_batches = [mb for step in plan for mb in step]
+    slots = sum(max(lengths[i] for i in mb) * len(mb) for mb in micro_batches)
+    real = sum(lengths[i] for mb in micro_batches for i in mb)
+    return 1 - real / slots if slots else 0.0
+
+
 def steps_per_epoch(n_examples: int, batch_size: int, accumulation: int) -> int:
     return max(1, math.ceil(n_examples / batch_size) // accumulation)

@@ -46,7 +46,14 @@ from loralab.model_utils import (
     save_full_model,
 )
 from loralab.training.attention import resolve_attention, use_attention
-from loralab.training.batching import BUCKET_FACTOR, BatchPlan, encode_rows, plan_batches, steps_per_epoch
+from loralab.training.batching import (
+    BUCKET_FACTOR,
+    BatchPlan,
+    encode_rows,
+    padding_fraction,
+    plan_batches,
+    steps_per_epoch,
+)
 from loralab.training.checkpoint import (
     list_checkpoints,
     load_latest_checkpoint,
@@ -331,6 +338,8 @@ def loop(
             entry = {
                 "step": step,
                 "total_steps": state.total_steps,
+        # measured, not assumed: why loralab does not pack examples (docs/training.md, "Packing")
+        "padding_fraction": round(padding_fraction(state.plan, [len(e.input_ids) for e in state.train_examples]), 4),
                 "epoch": round(step / state.steps_per_epoch, 3),
                 "loss": round(last_loss, 5),
                 "eval_loss": None,
@@ -457,6 +466,8 @@ def training_args(state: TrainState, outcome: LoopOutcome, entries: list[dict]) 
         "train_examples": len(state.train_examples),
         "eval_examples_for_loss": len(state.eval_examples),
         "total_steps": state.total_steps,
+        # measured, not assumed: why loralab does not pack examples (docs/training.md, "Packing")
+        "padding_fraction": round(padding_fraction(state.plan, [len(e.input_ids) for e in state.train_examples]), 4),
         "resumed_from_step": state.start_step or None,
         "final_train_loss": outcome.last_loss,
         "final_eval_loss": outcome.last_eval,

@@ -17,7 +17,7 @@ from loralab.data.chat import collate, encode_chat
 from loralab.data.prepare import load_split
 from loralab.metrics.losses import answer_nll_fast, answer_nll_plain
 from loralab.model_utils import attach_lora, load_base_model
-from loralab.training.batching import plan_batches
+from loralab.training.batching import padding_fraction, plan_batches
 from loralab.training.recipe import setup, train
 from loralab.util.errors import LoralabError
 
@@ -161,6 +161,13 @@ def test_batch_plan_is_deterministic_and_bucketed():
     unbucketed = plan_batches(lengths, 4, 2, 120, 3, bucket_factor=1)  # train.length_bucketing=false
     spread = sum(max(lengths[i] for i in mb) - min(lengths[i] for i in mb) for step in unbucketed for mb in step) / 240
     assert spread > 30
+    assert padding_fraction(plan, lengths) < padding_fraction(unbucketed, lengths)
+
+
+def test_padding_fraction_counts_the_slots_each_micro_batch_pads():
+    lengths = [2, 4, 3, 3]
+    assert padding_fraction([[[0, 1]], [[2, 3]]], lengths) == 1 - 12 / 14  # 2 + 4 padded to 8; 3 + 3 to 6
+    assert padding_fraction([[[2, 3]]], lengths) == 0.0
 
 
 def test_switched_off_techniques_and_bf16_frozen_weights_still_train(tiny_config):
