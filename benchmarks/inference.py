@@ -18,7 +18,8 @@ another name (their weights do not change the speed; their names keep them apart
 Printed per engine and client count: aggregate output tokens/s, time to first token p50/p99,
 inter-token latency p50/p99 (gaps between streamed tokens), and how many requests were answered;
 then the ratios to llama-server on the same setup. Written to benchmarks/results/inference_<class>.json
-with the CPU. Timings on a 2-core CPU are noisy: compare ratios from one run, nothing else running.
+with the CPU, and the tables to inference_<class>.md beside it. Timings on a 2-core CPU are noisy: compare
+ratios from one run, nothing else running.
 """
 
 from __future__ import annotations
@@ -234,7 +235,33 @@ def main() -> None:
     results["provenance"] = provenance.record(None, results["command"])
     out = REPO / "benchmarks" / "results" / f"inference_{results['cpu']['class']}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out.relative_to(REPO)}")
+    out.with_suffix(".md").write_text(markdown(results, levels))  # what the docs quote, line for line
+    print(f"wrote {out.relative_to(REPO)} and .md")
+
+
+def markdown(results: dict, levels: list[int]) -> str:
+    """The measured tables as Markdown: per engine and client count, then the ratios to llama-server."""
+    cpu = results["cpu"]
+    lines = [f"Written by `{results['command'].strip()}`; CPU {cpu['cpu']} ({cpu['class']}, {cpu['cores']} cores).", "",
+             "| engine, setup | clients | output tokens/s | TTFT p50 / p99 s | inter-token p50 / p99 ms | answered |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for setup, runs in results["runs"].items():
+        for i, run in enumerate(runs):
+            lines.append(f"| {setup if i == 0 else ''} | {run['clients']} | {run['tokens_per_s']} | {run['ttft_p50_s']} / "
+                         f"{run['ttft_p99_s']} | {run['itl_p50_ms']} / {run['itl_p99_ms']} | "
+                         f"{run['answered']}/{run['requests']} |")
+    naive_run = results["naive"]
+    lines += ["", f"Naive PEFT `generate`, batch 1, {naive_run['dtype'].removeprefix('torch.')}: "
+                  f"{naive_run['tokens_per_s']} tokens/s.", "",
+              "| engine | setup | " + " | ".join(f"{c} clients" for c in levels) + f" | TTFT p99 at {levels[-1]} |",
+              "|---|---|" + "---:|" * (len(levels) + 1)]
+    table = results["ratios"]["table"]
+    for engine in ("llama.cpp", "torch"):
+        for label in ("merged", "1 adapter", "4 adapters mixed"):
+            cells = [f"{table[f'{engine} {label} x{c}']['tokens_per_s']:.2f}x" for c in levels]
+            lines.append(f"| `--engine {engine}` | {label} | " + " | ".join(cells)
+                         + f" | {table[f'{engine} {label} x{levels[-1]}']['ttft_p99']}x |")
+    return "\n".join(lines) + "\n"
 
 
 def ratios(runs: dict, levels: list[int]) -> dict:
