@@ -338,8 +338,6 @@ def loop(
             entry = {
                 "step": step,
                 "total_steps": state.total_steps,
-        # measured, not assumed: why loralab does not pack examples (docs/training.md, "Packing")
-        "padding_fraction": round(padding_fraction(state.plan, [len(e.input_ids) for e in state.train_examples]), 4),
                 "epoch": round(step / state.steps_per_epoch, 3),
                 "loss": round(last_loss, 5),
                 "eval_loss": None,

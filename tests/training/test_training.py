@@ -40,6 +40,8 @@ def test_training_lowers_loss_and_writes_artifacts(tiny_config):
     }
     args = json.loads((out / "training_args.json").read_text())
     assert args["total_steps"] == 30 and args["config"]["train"]["learning_rate"] == tiny_config.train.learning_rate
+    assert 0 <= args["padding_fraction"] < 1
+    assert "padding_fraction" not in log[0]  # once per run, in training_args.json; not recomputed every step
     text_log = Path(tiny_config.train.log_file).read_text().splitlines()
     assert "tokens_per_s" in text_log[1] and len(text_log) == 2 + 30
     assert Path(tiny_config.train.loss_plot).stat().st_size > 1000
