@@ -239,6 +239,11 @@ def main() -> None:
     print(f"wrote {out.relative_to(REPO)} and .md")
 
 
+# The setups compared, each with its llama-server baseline (the run names in results["runs"]).
+LLAMA_SERVER_SETUPS = {"merged": "llama-server merged F16", "1 adapter": "llama-server F16 base + 1 adapter",
+                       "4 adapters mixed": "llama-server F16 base + 4 adapters mixed"}
+
+
 def markdown(results: dict, levels: list[int]) -> str:
     """The measured tables as Markdown: per engine and client count, then the ratios to llama-server."""
     cpu = results["cpu"]
@@ -257,7 +262,7 @@ def markdown(results: dict, levels: list[int]) -> str:
               "|---|---|" + "---:|" * (len(levels) + 1)]
     table = results["ratios"]["table"]
     for engine in ("llama.cpp", "torch"):
-        for label in ("merged", "1 adapter", "4 adapters mixed"):
+        for label in LLAMA_SERVER_SETUPS:
             cells = [f"{table[f'{engine} {label} x{c}']['tokens_per_s']:.2f}x" for c in levels]
             lines.append(f"| `--engine {engine}` | {label} | " + " | ".join(cells)
                          + f" | {table[f'{engine} {label} x{levels[-1]}']['ttft_p99']}x |")
@@ -266,12 +271,10 @@ def markdown(results: dict, levels: list[int]) -> str:
 
 def ratios(runs: dict, levels: list[int]) -> dict:
     """Each loralab engine against llama-server alone on the same setup, per client count."""
-    theirs = {"merged": "llama-server merged F16", "1 adapter": "llama-server F16 base + 1 adapter",
-              "4 adapters mixed": "llama-server F16 base + 4 adapters mixed"}
     table, lines = {}, []
     for engine in ("torch", "llama.cpp"):
         lines.append(f"loralab --engine {engine} / llama-server, aggregate tokens/s and TTFT p99:")
-        for label, baseline in theirs.items():
+        for label, baseline in LLAMA_SERVER_SETUPS.items():
             ours = f"loralab {engine} {'merged' if label == 'merged' else 'base + ' + label}"
             for i, clients in enumerate(levels):
                 a, b = runs[ours][i], runs[baseline][i]
