@@ -33,6 +33,7 @@ def trained(tmp_path_factory, smol_dir):
     cfg.eval.max_new_tokens = 16
     cfg.eval.few_shot_ks = [1, 2]
     cfg.eval.few_shot_eval_per_task = 1
+    cfg.eval.recall_per_task = 1  # the recall test's logic is tests/metrics/test_baselines.py's; here it only runs
     prepare_dataset(cfg.data)
     result = train(cfg, quiet=True)
     return cfg, result

