@@ -75,6 +75,8 @@ KINDS = (
                (*TRAINING, "src/deploy", "benchmarks/inference.py")),
     ResultKind("benchmarks/results/memory_breakdown.json", "python benchmarks/memory_breakdown.py",
                (*TRAINING, "benchmarks/memory_breakdown.py")),
+    ResultKind("benchmarks/results/compile_probe_*.json", "python benchmarks/compile_probe.py",
+               (*TRAINING, "benchmarks/compile_probe.py")),
     ResultKind("benchmarks/results/make_run_*.json", "time make run on a fresh clone (timings recorded by hand)", RUN),
 )
 
