@@ -1,14 +1,14 @@
 """Does `torch.compile` of the decoder layers pay for loralab's default training step on this CPU?
 
-    python benchmarks/compile_probe.py            # about 6 minutes on a 2-core CPU
+    python benchmarks/compile_probe.py            # about 7 minutes on a 2-core CPU
 
 Issue 14 asks for the decoder blocks compiled, with their compiled artifacts cached across runs so that
 short runs pay off. This measures whether there is anything to cache for: the default training step
 (`loralab.training.recipe.train_step`, default config, batch 8, seed 42) on the first 320 training
 examples, 40 optimizer steps, each setup in its own process:
   eager                      the default, as `loralab train` runs it;
-  compiled, cold cache       each decoder layer `compile(dynamic=True)` (one graph for every sequence
-                             length and batch size, so no recompiles), with an empty Inductor cache;
+  compiled, cold cache       each decoder layer `compile(dynamic=True)` (one graph meant for every
+                             sequence length and batch size), with an empty Inductor cache;
   compiled, warm cache       the same again, reusing the cache the previous process filled (what a
                              cache across runs would buy);
   eager, one shape /         the same batch every step, and the layers compiled with static shapes:
